@@ -1,0 +1,59 @@
+# hllm-pipeline: every target installs first when .venv is missing.
+# TORCH_VERSION=2.13.0 is the CPU build on the project's machines; on a GPU machine the same pin pulls the CUDA
+# build from PyPI. Override it (make install TORCH_VERSION=2.5.1) to match your CUDA driver.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+CLI := $(BIN)/hllm-pipeline
+STAMP := $(VENV)/.installed
+DATASET ?= ml-100k
+RUN ?= artifacts/$(DATASET)
+CONFIG ?=
+
+.PHONY: install test demo data embed-items train-user eval refresh bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Fetch and prepare a dataset: make data DATASET=ml-1m
+data: $(STAMP)
+	$(CLI) data fetch $(DATASET) --dest artifacts/raw/$(DATASET)
+	$(CLI) data prepare --format movielens --source artifacts/raw/$(DATASET) --out $(RUN)/data
+
+# The whole pipeline on ML-100K. Stages that are not built yet stop it with a message and a non-zero exit.
+demo: $(STAMP)
+	$(MAKE) --no-print-directory data DATASET=ml-100k
+	$(MAKE) --no-print-directory embed-items DATASET=ml-100k
+	$(MAKE) --no-print-directory train-user DATASET=ml-100k
+	$(MAKE) --no-print-directory eval DATASET=ml-100k
+
+embed-items: $(STAMP)
+	@echo "embed-items: stage one (Item LLM fine-tuning and embedding shards) is not built yet (issue #3)." >&2; exit 3
+
+train-user: $(STAMP)
+	@echo "train-user: stage two (User LLM on cached embeddings) is not built yet (issue #4)." >&2; exit 3
+
+eval: $(STAMP)
+	@echo "eval: evaluation with FAISS is not built yet (issue #5)." >&2; exit 3
+
+refresh: $(STAMP)
+	@echo "refresh: batch refresh jobs are not built yet." >&2; exit 3
+
+bench: $(STAMP)
+	@echo "bench: no benchmarks are built yet (they come with stages one, two and eval)." >&2; exit 3
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

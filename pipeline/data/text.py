@@ -1,0 +1,49 @@
+"""Item text exactly as the official HLLM code builds it, and its tokenization.
+
+    text = prompt + "".join(f"{key}: {value}" for key in text_keys if value is not missing)
+
+No separator between fields; a missing value (null, empty, or the string "nan" that pandas writes for NaN) is
+skipped. Tokens: the tokenizer's own special tokens, the first `max_text_tokens` kept, then `n_item_tokens`
+placeholder positions whose input embeddings the Item LLM replaces with learnable `[ITEM]` vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+DEFAULT_ITEM_PROMPT = "Compress the following sentence into embedding: "
+DEFAULT_TEXT_KEYS = {
+    "movielens": ("title", "genres"),
+    "amazon-books": ("title", "description"),
+    "pixelrec": ("title", "tag", "description"),
+}
+
+
+def is_missing(value: object) -> bool:
+    return value is None or str(value) == "" or str(value).lower() == "nan"
+
+
+def build_item_text(fields: dict[str, object], text_keys: Sequence[str], prompt: str = DEFAULT_ITEM_PROMPT) -> str:
+    """Reference implementation for one item (the vectorised `item_text_expr` must agree with it)."""
+    return prompt + "".join(f"{key}: {fields.get(key)}" for key in text_keys if not is_missing(fields.get(key)))
+
+
+def item_text_expr(text_keys: Sequence[str], prompt: str = DEFAULT_ITEM_PROMPT) -> pl.Expr:
+    """The same text as `build_item_text`, as a polars expression over the item table."""
+    parts = [pl.lit(prompt)]
+    for key in text_keys:
+        value = pl.col(key).cast(pl.String)
+        missing = value.is_null() | (value == "") | (value.str.to_lowercase() == "nan")
+        parts.append(pl.when(missing).then(pl.lit("")).otherwise(pl.lit(f"{key}: ") + value))
+    return pl.concat_str(parts)
+
+
+def encode_item_text(tokenizer, texts: Sequence[str], max_text_tokens: int = 256, n_item_tokens: int = 1,
+                     placeholder_id: int = 0) -> list[list[int]]:
+    """Token ids per item: special tokens included, first `max_text_tokens` kept, then the [ITEM] slots."""
+    if max_text_tokens < 1:
+        raise ValueError("max_text_tokens must be >= 1")
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    return [ids[:max_text_tokens] + [placeholder_id] * n_item_tokens for ids in encoded]

@@ -1,0 +1,195 @@
+"""Stage `data prepare`: raw recommendation data -> the canonical tables of DESIGN.md.
+
+Writes, into `out` (replaced as a whole, atomically):
+  items.parquet, interactions.parquet, users.parquet, rejected.parquet, stats.json, config.yaml
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from pipeline import __version__
+from pipeline import config as cfg
+from pipeline.data import readers
+from pipeline.data.canonical import CanonicalRules, build_canonical
+from pipeline.data.sequences import UserSequences, eval_examples, training_sequences
+from pipeline.data.text import DEFAULT_ITEM_PROMPT, DEFAULT_TEXT_KEYS
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_dir, sha256_file, write_json_atomic
+
+Format = Literal["movielens", "hllm-csv", "amazon-books", "pixelrec"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    format: Format
+    """Raw layout: movielens (GroupLens ML-100K/ML-1M or RecBole atomic files), hllm-csv (official HLLM CSVs),
+    amazon-books (ratings_Books.csv + meta_Books.json[.gz]) or pixelrec (PixelRec interaction and item CSVs)."""
+    source: Path
+    """The interactions file, or a folder holding the dataset (MovieLens folder, the official dataset/ +
+    information/ layout, or the Amazon folder)."""
+    out: Path
+    """Output folder for the canonical tables, e.g. artifacts/ml-1m/data (replaced as a whole on success)."""
+    items: Path | None = None
+    """The item file when it is not found from `source` (item CSV, or meta_Books.json[.gz])."""
+    text_keys: tuple[str, ...] | None = None
+    """Item fields that make the item text, in order. Default per format: movielens title,genres; amazon-books
+    title,description; pixelrec title,tag,description; hllm-csv whichever of title,tag,description exist."""
+    item_prompt: str = DEFAULT_ITEM_PROMPT
+    """Prefix of every item text (the official prompt)."""
+    encoding: str | None = None
+    """Text encoding of the raw files. Default: latin-1 for GroupLens .dat/u.item files, utf-8 otherwise."""
+    min_user_interactions: int = 3
+    """Users with fewer interactions are rejected: leave-one-out needs a training, a validation and a test item."""
+    raw_min_item_count: int | None = None
+    """Reject interactions of items seen fewer times in the raw data. Default 5 for amazon-books (official), else 0."""
+    raw_min_user_count: int | None = None
+    """Reject interactions of users seen fewer times in the raw data. Default 5 for amazon-books, else 0."""
+    min_user_count_after_filter: int | None = None
+    """After the raw filters, reject users left with fewer interactions. Default 5 for amazon-books, else 0."""
+    unknown_items: Literal["reject", "keep"] = "reject"
+    """Interactions whose item is not in the item file: reject them, or keep them with an empty item text
+    (what the official code does)."""
+    keep_items_without_interactions: bool | None = None
+    """Keep catalogue items nobody interacted with (they are still ranked at evaluation). Default: true, except
+    amazon-books (false: the paper's item count covers items with interactions only)."""
+    strict: bool = False
+    """Stop at the first unusable row with an error naming it, instead of rejecting it into rejected.parquet."""
+
+    def __post_init__(self) -> None:
+        if self.min_user_interactions < 3:
+            raise ConfigError(f"min_user_interactions={self.min_user_interactions}: must be >= 3 (leave-one-out "
+                              "needs a training, a validation and a test item)")
+        for name in ("raw_min_item_count", "raw_min_user_count", "min_user_count_after_filter"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}={value}: must be >= 0 (0 turns the filter off)")
+        if self.text_keys is not None and not self.text_keys:
+            raise ConfigError("text_keys is empty: give at least one item field, e.g. text_keys=title")
+        if not self.source.exists():
+            raise ConfigError(f"source={self.source}: no such file or folder")
+        if self.items is not None and not self.items.exists():
+            raise ConfigError(f"items={self.items}: no such file")
+
+    def rules(self, available: tuple[str, ...]) -> CanonicalRules:
+        amazon = self.format == "amazon-books"
+
+        def pick(value, amazon_default, other_default):
+            return value if value is not None else (amazon_default if amazon else other_default)
+
+        return CanonicalRules(
+            text_keys=self.text_keys or DEFAULT_TEXT_KEYS.get(self.format, available),
+            item_prompt=self.item_prompt,
+            min_user_interactions=self.min_user_interactions,
+            raw_min_item_count=pick(self.raw_min_item_count, 5, 0),
+            raw_min_user_count=pick(self.raw_min_user_count, 5, 0),
+            min_user_count_after_filter=pick(self.min_user_count_after_filter, 5, 0),
+            unknown_items=self.unknown_items,
+            keep_items_without_interactions=pick(self.keep_items_without_interactions, False, True),
+            strict=self.strict,
+        )
+
+
+def _read(config: PrepareConfig, workdir: Path) -> readers.RawTables:
+    if config.format == "movielens":
+        return readers.read_movielens(config.source, config.encoding, workdir)
+    if config.format == "amazon-books":
+        return readers.read_amazon_books(config.source, config.items, config.text_keys, workdir)
+    defaults = DEFAULT_TEXT_KEYS["pixelrec"]
+    return readers.read_hllm_csv(config.source, config.items, config.text_keys, config.encoding or "utf-8",
+                                 workdir, default_keys=defaults)
+
+
+def _count_rows(raw: readers.RawTables) -> dict[str, int]:
+    """Rows read per input file: parsed rows plus rows the reader itself rejected."""
+    counts = {
+        raw.interactions_file: raw.interactions.select(pl.len()).collect().item(),
+        raw.items_file: raw.items.filter(pl.col("row").is_not_null()).select(pl.len()).collect().item(),
+    }
+    for lf in raw.rejected:
+        for file, n in lf.group_by("file").len().collect().iter_rows():
+            counts[file] = counts.get(file, 0) + n
+    return counts
+
+
+def run(config: PrepareConfig, log=print) -> Path:
+    """Prepare the canonical tables; returns the output folder."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hllm-prepare-") as tmp, atomic_dir(config.out) as out:
+        workdir = Path(tmp)
+        raw = _read(config, workdir)
+        rules = config.rules(raw.text_fields)
+        rows_read = _count_rows(raw)
+        tables = build_canonical(raw, rules)
+        tables.items.write_parquet(out / "items.parquet")
+        tables.interactions.write_parquet(out / "interactions.parquet")
+        tables.users.write_parquet(out / "users.parquet")
+        tables.rejected.write_parquet(out / "rejected.parquet")
+        stats = _stats(config, rules, raw, tables, rows_read, time.perf_counter() - start)
+        cfg.save(config, out / "config.yaml")
+        write_json_atomic(out / "stats.json", stats)
+        shutil.rmtree(workdir, ignore_errors=True)
+    log(summary(stats, config.out))
+    return config.out
+
+
+def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, tables, rows_read: dict,
+           seconds: float) -> dict:
+    rejected = tables.rejected
+    per_file = {}
+    used = {raw.interactions_file: tables.interactions.height,
+            raw.items_file: tables.items.filter(pl.col("source_row").is_not_null()).height}
+    for file, n_read in rows_read.items():
+        reasons = rejected.filter(pl.col("file") == file).group_by("reason").len().sort("reason")
+        per_file[file] = {
+            "rows_read": n_read,
+            "rows_used": used.get(file, 0),
+            "rows_rejected": int(reasons["len"].sum()) if reasons.height else 0,
+            "rejected_by_reason": dict(reasons.iter_rows()),
+        }
+    seqs = UserSequences.from_frame(tables.interactions, tables.items.height)
+    lengths = seqs.lengths
+    return {
+        "dataset": config.out.parent.name if config.out.name == "data" else config.out.name,
+        "format": config.format,
+        "users": tables.users.height,
+        "items": tables.items.height,
+        "items_with_interactions": int((tables.items["n_interactions"] > 0).sum()),
+        "interactions": tables.interactions.height,
+        "rejected_rows": rejected.height,
+        "rules": cfg.to_dict(rules),
+        "split": {
+            "method": "leave-one-out (test = last, valid = second to last), ties by (timestamp, source row)",
+            "train_interactions": int(training_sequences(seqs).items.size),
+            "valid_examples": len(eval_examples(seqs, "valid")),
+            "test_examples": len(eval_examples(seqs, "test")),
+        },
+        "sequence_length": {
+            "min": int(lengths.min()), "median": float(sorted(lengths)[len(lengths) // 2]),
+            "mean": round(float(lengths.mean()), 2), "max": int(lengths.max()),
+        },
+        "files": per_file,
+        "inputs": {str(p): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in raw.inputs},
+        "seconds": round(seconds, 2),
+        "software": {"hllm-pipeline": __version__, "polars": pl.__version__, "python": platform.python_version()},
+    }
+
+
+def summary(stats: dict, out: Path) -> str:
+    lines = [
+        f"prepared {stats['dataset']} into {out} in {stats['seconds']:.1f}s: {stats['users']:,} users, "
+        f"{stats['items']:,} items ({stats['items_with_interactions']:,} with interactions), "
+        f"{stats['interactions']:,} interactions, {stats['rejected_rows']:,} rejected rows",
+    ]
+    for file, info in stats["files"].items():
+        reasons = ", ".join(f"{k} {v:,}" for k, v in info["rejected_by_reason"].items()) or "none rejected"
+        lines.append(f"  {file}: {info['rows_read']:,} rows read, {info['rows_used']:,} used ({reasons})")
+    return "\n".join(lines)
