@@ -40,7 +40,8 @@ def data_fetch(
 @data_app.command("prepare", context_settings={"allow_extra_args": False})
 def data_prepare(
     overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value (see --show-settings).")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="movielens, hllm-csv, amazon-books or pixelrec.")] = None,
+    format: Annotated[str | None,
+                      typer.Option("--format", help="movielens, hllm-csv, amazon-books or pixelrec.")] = None,
     source: Annotated[Path | None, typer.Option(help="Interactions file or dataset folder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder, e.g. artifacts/ml-1m/data.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,

@@ -7,13 +7,13 @@ Writes, into `out` (replaced as a whole, atomically):
 from __future__ import annotations
 
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from pipeline import __version__
@@ -98,21 +98,21 @@ class PrepareConfig:
         )
 
 
-def _read(config: PrepareConfig, workdir: Path) -> readers.RawTables:
+def _read(config: PrepareConfig, workdir: Path, log) -> readers.RawTables:
     if config.format == "movielens":
         return readers.read_movielens(config.source, config.encoding, workdir)
     if config.format == "amazon-books":
-        return readers.read_amazon_books(config.source, config.items, config.text_keys, workdir)
+        return readers.read_amazon_books(config.source, config.items, config.text_keys, workdir, log=log)
     defaults = DEFAULT_TEXT_KEYS["pixelrec"]
     return readers.read_hllm_csv(config.source, config.items, config.text_keys, config.encoding or "utf-8",
                                  workdir, default_keys=defaults)
 
 
-def _count_rows(raw: readers.RawTables) -> dict[str, int]:
-    """Rows read per input file: parsed rows plus rows the reader itself rejected."""
+def _rows_read(raw: readers.RawTables) -> dict[str, int]:
+    """Rows read per input file: rows the reader parsed plus rows it rejected itself."""
     counts = {
         raw.interactions_file: raw.interactions.select(pl.len()).collect().item(),
-        raw.items_file: raw.items.filter(pl.col("row").is_not_null()).select(pl.len()).collect().item(),
+        raw.items_file: raw.items.select(pl.len()).collect().item(),
     }
     for lf in raw.rejected:
         for file, n in lf.group_by("file").len().collect().iter_rows():
@@ -125,46 +125,38 @@ def run(config: PrepareConfig, log=print) -> Path:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hllm-prepare-") as tmp, atomic_dir(config.out) as out:
         workdir = Path(tmp)
-        raw = _read(config, workdir)
+        raw = _read(config, workdir, log)
         rules = config.rules(raw.text_fields)
-        rows_read = _count_rows(raw)
-        tables = build_canonical(raw, rules)
-        tables.items.write_parquet(out / "items.parquet")
-        tables.interactions.write_parquet(out / "interactions.parquet")
-        tables.users.write_parquet(out / "users.parquet")
-        tables.rejected.write_parquet(out / "rejected.parquet")
-        stats = _stats(config, rules, raw, tables, rows_read, time.perf_counter() - start)
+        counts = build_canonical(raw, rules, workdir, out)
+        counts["rows_read"] = _rows_read(raw)
+        stats = _stats(config, rules, raw, counts, out, time.perf_counter() - start)
         cfg.save(config, out / "config.yaml")
         write_json_atomic(out / "stats.json", stats)
-        shutil.rmtree(workdir, ignore_errors=True)
     log(summary(stats, config.out))
     return config.out
 
 
-def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, tables, rows_read: dict,
+def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, counts: dict, out: Path,
            seconds: float) -> dict:
-    rejected = tables.rejected
     per_file = {}
-    used = {raw.interactions_file: tables.interactions.height,
-            raw.items_file: tables.items.filter(pl.col("source_row").is_not_null()).height}
-    for file, n_read in rows_read.items():
-        reasons = rejected.filter(pl.col("file") == file).group_by("reason").len().sort("reason")
+    for file, n_read in counts["rows_read"].items():
+        reasons = {reason: n for (f, reason), n in sorted(counts["rejected"].items()) if f == file}
         per_file[file] = {
             "rows_read": n_read,
-            "rows_used": used.get(file, 0),
-            "rows_rejected": int(reasons["len"].sum()) if reasons.height else 0,
-            "rejected_by_reason": dict(reasons.iter_rows()),
+            "rows_used": counts["rows_used"].get(file, 0),
+            "rows_rejected": sum(reasons.values()),
+            "rejected_by_reason": reasons,
         }
-    seqs = UserSequences.from_frame(tables.interactions, tables.items.height)
+    seqs = UserSequences.load(out)
     lengths = seqs.lengths
     return {
         "dataset": config.out.parent.name if config.out.name == "data" else config.out.name,
         "format": config.format,
-        "users": tables.users.height,
-        "items": tables.items.height,
-        "items_with_interactions": int((tables.items["n_interactions"] > 0).sum()),
-        "interactions": tables.interactions.height,
-        "rejected_rows": rejected.height,
+        "users": counts["users"],
+        "items": counts["items"],
+        "items_with_interactions": counts["items_with_interactions"],
+        "interactions": counts["interactions"],
+        "rejected_rows": sum(counts["rejected"].values()),
         "rules": cfg.to_dict(rules),
         "split": {
             "method": "leave-one-out (test = last, valid = second to last), ties by (timestamp, source row)",
@@ -173,7 +165,7 @@ def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables,
             "test_examples": len(eval_examples(seqs, "test")),
         },
         "sequence_length": {
-            "min": int(lengths.min()), "median": float(sorted(lengths)[len(lengths) // 2]),
+            "min": int(lengths.min()), "median": float(np.median(lengths)),
             "mean": round(float(lengths.mean()), 2), "max": int(lengths.max()),
         },
         "files": per_file,

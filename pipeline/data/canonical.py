@@ -1,18 +1,23 @@
 """Build the canonical tables (DESIGN.md "Contracts") from a reader's raw tables, for every format alike.
 
-Decisions, in order; each unusable row is kept in `rejected` with its reason, never dropped silently:
+Decisions, in order; each unusable row is kept in rejected.parquet with its reason, never dropped silently:
   items:        missing item id, duplicate item id (the first row wins)
   interactions: missing user/item id, missing or non-integer timestamp, raw count filters (Amazon's 5-core),
                 unknown item id, users too short for leave-one-out
-  items again:  items without interactions, when the config drops them
+  items again:  items without interactions, when the rules drop them
 Then items get `item_idx` 1..N in file order (0 is padding), users get `user_idx` 0..U-1 in order of first
 appearance, and interactions are sorted per user by (timestamp, source row): a stable, explicit tie-break.
+
+Interactions stay lazy: each step streams from one Parquet file in `workdir` to the next, so a file of tens of
+millions of rows is never held in memory as strings; only per-user and per-item counts and the final integer
+table are.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
@@ -36,15 +41,6 @@ class CanonicalRules:
     strict: bool
 
 
-@dataclass
-class CanonicalTables:
-    items: pl.DataFrame
-    interactions: pl.DataFrame
-    users: pl.DataFrame
-    rejected: pl.DataFrame
-    stats: dict
-
-
 REASON_TEXT = {
     "missing_item_id": "item id is missing",
     "duplicate_item_id": "item id already appeared on an earlier row",
@@ -57,15 +53,39 @@ REASON_TEXT = {
 }
 
 
-def _rejected(lf: pl.LazyFrame, file: str, column: str | None, value: pl.Expr | None, reason: pl.Expr | str
-              ) -> pl.LazyFrame:
-    return lf.select(
-        pl.lit(file, dtype=pl.String).alias("file"),
-        pl.col("row").cast(pl.Int64),
-        pl.lit(column, dtype=pl.String).alias("column"),
-        (value if value is not None else pl.lit(None)).cast(pl.String).alias("value"),
-        (pl.lit(reason) if isinstance(reason, str) else reason).cast(pl.String).alias("reason"),
-    )
+class _Workspace:
+    """Temporary Parquet files for the intermediate steps, and the rejected rows collected along the way."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.rejected: list[Path] = []
+        self._n = 0
+
+    def materialize(self, lf: pl.LazyFrame, name: str) -> pl.LazyFrame:
+        path = self.workdir / f"{self._n:02d}-{name}.parquet"
+        self._n += 1
+        lf.sink_parquet(path)
+        return pl.scan_parquet(path)
+
+    def reject(self, lf: pl.LazyFrame, file: str, column: str | None, value: pl.Expr | None,
+               reason: pl.Expr | str) -> None:
+        frame = lf.select(
+            pl.lit(file, dtype=pl.String).alias("file"),
+            pl.col("row").cast(pl.Int64),
+            pl.lit(column, dtype=pl.String).alias("column"),
+            (value if value is not None else pl.lit(None)).cast(pl.String).alias("value"),
+            (pl.lit(reason) if isinstance(reason, str) else reason).cast(pl.String).alias("reason"),
+        )
+        self.add_rejected(frame)
+
+    def add_rejected(self, lf: pl.LazyFrame) -> None:
+        path = self.workdir / f"rejected-{len(self.rejected):02d}.parquet"
+        lf.select(list(REJECTED_SCHEMA)).cast(REJECTED_SCHEMA).sink_parquet(path)
+        self.rejected.append(path)
+
+    def all_rejected(self) -> pl.LazyFrame:
+        return pl.concat([pl.scan_parquet(p) for p in self.rejected]) if self.rejected else \
+            pl.LazyFrame(schema=REJECTED_SCHEMA)
 
 
 def _parse_timestamp() -> pl.Expr:
@@ -77,97 +97,113 @@ def _parse_timestamp() -> pl.Expr:
     return pl.coalesce(as_int, pl.when(integral).then(as_float.cast(pl.Int64))).alias("ts")
 
 
-def build_canonical(raw: RawTables, rules: CanonicalRules) -> CanonicalTables:
-    inter_file, items_file = raw.interactions_file, raw.items_file
-    missing_keys = [k for k in rules.text_keys if k not in raw.text_fields]
-    if missing_keys:
-        raise UserError(f"{items_file}: text key '{missing_keys[0]}' is not a column of the item file; "
-                        f"available: {', '.join(raw.text_fields)} (set text_keys=...)")
-    rejected: list[pl.LazyFrame] = list(raw.rejected)
+def _count(lf: pl.LazyFrame) -> int:
+    return lf.select(pl.len()).collect().item()
 
-    # ---- items: missing and duplicate ids
+
+def _prepare_items(raw: RawTables, ws: _Workspace) -> pl.DataFrame:
+    items_file = raw.items_file
     items = raw.items.with_columns(pl.col("item_id").str.strip_chars())
-    rejected.append(_rejected(items.filter(pl.col("item_id").is_null() | (pl.col("item_id") == "")),
-                              items_file, "item_id", None, "missing_item_id"))
-    items = items.filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != "")).sort("row")
-    first = pl.col("row") == pl.col("row").min().over("item_id")
-    rejected.append(_rejected(items.filter(~first), items_file, "item_id", pl.col("item_id"), "duplicate_item_id"))
-    items = items.filter(first).collect()
+    missing = pl.col("item_id").is_null() | (pl.col("item_id") == "")
+    ws.reject(items.filter(missing), items_file, "item_id", None, "missing_item_id")
+    items = items.filter(~missing).collect().sort("row")
+    first = items["row"] == items.select(pl.col("row").min().over("item_id")).to_series()
+    ws.reject(items.filter(~first).lazy(), items_file, "item_id", pl.col("item_id"), "duplicate_item_id")
+    return items.filter(first)
 
-    # ---- interactions: ids and timestamps
+
+def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFrame, ws: _Workspace
+                         ) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """Apply the interaction rules; returns the usable rows (lazy) and the catalogue (with kept unknown items)."""
+    inter_file = raw.interactions_file
     inter = raw.interactions.with_columns(pl.col("user_id").str.strip_chars(), pl.col("item_id").str.strip_chars())
-    inter = inter.with_columns(_parse_timestamp())
     problem = (
         pl.when(pl.col("user_id").is_null()).then(pl.lit("missing_user_id"))
         .when(pl.col("item_id").is_null()).then(pl.lit("missing_item_id"))
         .when(pl.col("timestamp").is_null()).then(pl.lit("missing_timestamp"))
         .when(pl.col("ts").is_null()).then(pl.lit("bad_timestamp"))
     )
-    inter = inter.with_columns(problem.alias("_problem"))
+    parsed = ws.materialize(inter.with_columns(_parse_timestamp()).with_columns(problem.alias("_problem")),
+                            "parsed")
     column_of = {"missing_user_id": "user_id", "missing_item_id": "item_id", "missing_timestamp": "timestamp",
                  "bad_timestamp": "timestamp"}
-    bad = inter.filter(pl.col("_problem").is_not_null())
-    rejected.append(bad.select(
+    ws.add_rejected(parsed.filter(pl.col("_problem").is_not_null()).select(
         pl.lit(inter_file, dtype=pl.String).alias("file"),
-        pl.col("row").cast(pl.Int64),
+        "row",
         pl.col("_problem").replace_strict(column_of, return_dtype=pl.String).alias("column"),
         pl.when(pl.col("_problem") == "bad_timestamp").then(pl.col("timestamp")).cast(pl.String).alias("value"),
         pl.col("_problem").alias("reason"),
     ))
-    inter = inter.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts").collect()
+    valid = parsed.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts")
 
-    # ---- raw count filters (the official Amazon Books preprocessing: item >= 5 and user >= 5, then user >= 5)
+    # Raw count filters: the official Amazon Books preprocessing (item >= 5 and user >= 5, then user >= 5).
     if rules.raw_min_item_count > 1 or rules.raw_min_user_count > 1:
-        n = rules.raw_min_item_count
-        inter = inter.with_columns(pl.len().over("item_id").alias("_ic"), pl.len().over("user_id").alias("_uc"))
-        reason = (pl.when(pl.col("_ic") < rules.raw_min_item_count).then(pl.lit(f"item_count_below_{n}"))
+        item_counts = valid.group_by("item_id").agg(pl.len().alias("_ic")).collect().lazy()
+        user_counts = valid.group_by("user_id").agg(pl.len().alias("_uc")).collect().lazy()
+        reason = (pl.when(pl.col("_ic") < rules.raw_min_item_count)
+                  .then(pl.lit(f"item_count_below_{rules.raw_min_item_count}"))
                   .when(pl.col("_uc") < rules.raw_min_user_count)
                   .then(pl.lit(f"user_count_below_{rules.raw_min_user_count}")))
-        inter = inter.with_columns(reason.alias("_problem"))
-        rejected.append(_rejected(inter.lazy().filter(pl.col("_problem").is_not_null()), inter_file, None, None,
-                                  pl.col("_problem")))
-        inter = inter.filter(pl.col("_problem").is_null()).drop("_ic", "_uc", "_problem")
+        flagged = ws.materialize(valid.join(item_counts, on="item_id", maintain_order="left")
+                                 .join(user_counts, on="user_id", maintain_order="left")
+                                 .with_columns(reason.alias("_problem")), "count-filter")
+        ws.reject(flagged.filter(pl.col("_problem").is_not_null()), inter_file, None, None, pl.col("_problem"))
+        valid = flagged.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts")
     if rules.min_user_count_after_filter > 1:
-        m = rules.min_user_count_after_filter
-        short = pl.len().over("user_id") < m
-        rejected.append(_rejected(inter.lazy().filter(short), inter_file, "user_id", pl.col("user_id"),
-                                  f"user_count_after_filter_below_{m}"))
-        inter = inter.filter(~short)
+        valid = _drop_short_users(valid, rules.min_user_count_after_filter, inter_file, ws,
+                                  f"user_count_after_filter_below_{rules.min_user_count_after_filter}")
 
-    # ---- unknown items
-    known = inter["item_id"].is_in(items["item_id"].implode())
+    known = items.select("item_id").lazy()
+    unknown = valid.join(known, on="item_id", how="anti", maintain_order="left")
     if rules.unknown_items == "keep":
         # As the official code: an item missing from the item file joins the catalogue with no text.
-        extra = inter.filter(~known).group_by("item_id").agg(pl.col("row").min()).sort("row")
+        extra = unknown.group_by("item_id").agg(pl.col("row").min()).collect().sort("row")
         extra = extra.select(pl.lit(None, dtype=pl.Int64).alias("row"), "item_id",
                              *[pl.lit(None, dtype=pl.String).alias(f) for f in raw.text_fields])
         items = pl.concat([items, extra.select(items.columns)], how="vertical_relaxed")
     else:
-        rejected.append(_rejected(inter.lazy().filter(~known), inter_file, "item_id", pl.col("item_id"),
-                                  "unknown_item"))
-        inter = inter.filter(known)
+        ws.reject(unknown, inter_file, "item_id", pl.col("item_id"), "unknown_item")
+        valid = ws.materialize(valid.join(known, on="item_id", how="semi", maintain_order="left"), "known-items")
 
-    # ---- users too short for leave-one-out
-    short = pl.len().over("user_id") < rules.min_user_interactions
-    rejected.append(_rejected(inter.lazy().filter(short), inter_file, "user_id", pl.col("user_id"),
-                              "user_too_short"))
-    inter = inter.filter(~short)
-    if inter.height == 0:
-        raise UserError(f"{inter_file}: no usable interactions remain after the rules above; see the reasons "
-                        "with strict=true")
+    valid = _drop_short_users(valid, rules.min_user_interactions, inter_file, ws, "user_too_short")
+    return valid, items
 
-    # ---- items without interactions
-    counts = inter.group_by("item_id").agg(pl.len().alias("n_interactions"))
-    items = items.join(counts, on="item_id", how="left").with_columns(pl.col("n_interactions").fill_null(0))
+
+def _drop_short_users(valid: pl.LazyFrame, minimum: int, file: str, ws: _Workspace, reason: str) -> pl.LazyFrame:
+    counts = valid.group_by("user_id").agg(pl.len().alias("_n")).collect().lazy()
+    flagged = valid.join(counts, on="user_id", maintain_order="left")
+    ws.reject(flagged.filter(pl.col("_n") < minimum), file, "user_id", pl.col("user_id"), reason)
+    return ws.materialize(flagged.filter(pl.col("_n") >= minimum).drop("_n"), reason)
+
+
+def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: Path) -> dict:
+    """Write items/interactions/users/rejected.parquet into `out`; returns counts for stats.json."""
+    missing_keys = [k for k in rules.text_keys if k not in raw.text_fields]
+    if missing_keys:
+        raise UserError(f"{raw.items_file}: text key '{missing_keys[0]}' is not a column of the item file; "
+                        f"available: {', '.join(raw.text_fields)} (set text_keys=...)")
+    ws = _Workspace(workdir)
+    for lf in raw.rejected:
+        ws.add_rejected(lf)
+    items = _prepare_items(raw, ws)
+    valid, items = _filter_interactions(raw, rules, items, ws)
+    if _count(valid) == 0:
+        raise UserError(f"{raw.interactions_file}: no usable interactions remain; run with strict=true to see the "
+                        "first rejected row")
+
+    counts = valid.group_by("item_id").agg(pl.len().cast(pl.Int64).alias("n_interactions")).collect()
+    items = items.join(counts, on="item_id", how="left", maintain_order="left") \
+        .with_columns(pl.col("n_interactions").fill_null(0))
     if not rules.keep_items_without_interactions:
-        rejected.append(_rejected(items.lazy().filter(pl.col("n_interactions") == 0), items_file, "item_id",
-                                  pl.col("item_id"), "item_without_interactions"))
+        ws.reject(items.lazy().filter(pl.col("n_interactions") == 0), raw.items_file, "item_id",
+                  pl.col("item_id"), "item_without_interactions")
         items = items.filter(pl.col("n_interactions") > 0)
 
-    rejected_df = pl.concat([r.select(list(REJECTED_SCHEMA)).cast(REJECTED_SCHEMA) for r in rejected]).collect()
-    rejected_df = rejected_df.sort(["file", "row"], nulls_last=True)
-    if rules.strict and rejected_df.height:
-        raise UserError(strict_message(rejected_df.row(0, named=True)))
+    rejected = ws.all_rejected()
+    if rules.strict:
+        first = rejected.sort(["file", "row"], nulls_last=True).head(1).collect()
+        if first.height:
+            raise UserError(strict_message(first.row(0, named=True)))
 
     # ---- indices, text, order
     items = items.with_row_index("item_idx", offset=1).with_columns(pl.col("item_idx").cast(pl.Int32))
@@ -175,26 +211,40 @@ def build_canonical(raw: RawTables, rules: CanonicalRules) -> CanonicalTables:
     items = items.with_columns(
         pl.Series("text_sha256", [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in items["text"]])
     )
-    users = (inter.group_by("user_id").agg(
+    users = (valid.group_by("user_id").agg(
         pl.col("row").min().alias("_first"), pl.len().cast(pl.Int64).alias("n_interactions"),
         pl.col("ts").min().alias("first_timestamp"), pl.col("ts").max().alias("last_timestamp"),
-    ).sort("_first").with_row_index("user_idx").with_columns(pl.col("user_idx").cast(pl.Int32)).drop("_first"))
+    ).collect().sort("_first").with_row_index("user_idx").with_columns(pl.col("user_idx").cast(pl.Int32))
+        .drop("_first"))
     interactions = (
-        inter.join(users.select("user_id", "user_idx"), on="user_id")
-        .join(items.select("item_id", "item_idx"), on="item_id")
+        valid.join(users.lazy().select("user_id", "user_idx"), on="user_id")
+        .join(items.lazy().select("item_id", "item_idx"), on="item_id")
         .select("user_idx", "item_idx", pl.col("ts").alias("timestamp"), pl.col("row").alias("source_row"))
+        .collect()
         .sort(["user_idx", "timestamp", "source_row"])
     )
     items = items.select("item_idx", "item_id", *raw.text_fields, "text", "text_sha256",
                          pl.col("n_interactions").cast(pl.Int64), pl.col("row").alias("source_row"))
-    return CanonicalTables(items=items, interactions=interactions, users=users.select(
-        "user_idx", "user_id", "n_interactions", "first_timestamp", "last_timestamp"), rejected=rejected_df,
-        stats={})
+    items.write_parquet(out / "items.parquet")
+    interactions.write_parquet(out / "interactions.parquet")
+    users.select("user_idx", "user_id", "n_interactions", "first_timestamp", "last_timestamp") \
+        .write_parquet(out / "users.parquet")
+    rejected.sink_parquet(out / "rejected.parquet")
+
+    by_file = pl.scan_parquet(out / "rejected.parquet").group_by("file", "reason").len().collect()
+    return {
+        "users": users.height,
+        "items": items.height,
+        "items_with_interactions": int((items["n_interactions"] > 0).sum()),
+        "interactions": interactions.height,
+        "rows_used": {raw.interactions_file: interactions.height,
+                      raw.items_file: items.filter(pl.col("source_row").is_not_null()).height},
+        "rejected": {(f, r): n for f, r, n in by_file.iter_rows()},
+    }
 
 
 def strict_message(row: dict) -> str:
     reason = row["reason"]
-    base = reason.split(":", 1)[0]
-    text = REASON_TEXT.get(base, reason.replace("_", " "))
+    text = REASON_TEXT.get(reason.split(":", 1)[0], reason.replace("_", " "))
     value = f" (got {row['value']!r})" if row["value"] is not None else ""
     return f"{where(row['file'], row['row'], row['column'])}: {text}{value}"

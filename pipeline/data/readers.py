@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import ast
 import codecs
+import contextlib
 import csv
+import functools
 import gzip
 import io
 import json
+import multiprocessing
+import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +81,6 @@ def check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
     """Raise a one-line UserError naming the line if `path` is not valid UTF-8 (streamed, C-speed decode)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    newlines = 0
     with open(path, "rb") as f:
         while True:
             chunk = f.read(chunk_size)
@@ -98,7 +102,6 @@ def check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
             if final:
                 return
             offset += len(chunk)
-            newlines += chunk.count(b"\n")
 
 
 def as_utf8_file(path: Path, encoding: str, workdir: Path) -> Path:
@@ -115,7 +118,9 @@ def as_utf8_file(path: Path, encoding: str, workdir: Path) -> Path:
             reader = io.TextIOWrapper(src, encoding=encoding, newline="")
             shutil.copyfileobj(reader, dst, 1 << 22)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: text is not valid {encoding} ({e.reason}); set encoding= to the file's encoding") from None
+        raise UserError(
+            f"{path}: text is not valid {encoding} ({e.reason}); set encoding= to the file's encoding"
+        ) from None
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
     except LookupError:
@@ -164,10 +169,11 @@ def scan_delimited(
     )
     try:
         header = lf.collect_schema().names()[1:]
+        # Parsing every column is what detects a ragged row (a bare row count does not look at fields).
         pl.scan_csv(
             path, has_header=has_header, separator=separator, quote_char=quote_char, infer_schema=False,
             new_columns=columns, raise_if_empty=False,
-        ).select(pl.len()).collect()
+        ).select(pl.all().null_count()).collect()
     except pl.exceptions.ComputeError as e:
         if "more fields" in str(e) or "ragged" in str(e).lower():
             expected = len(columns) if columns else len(_header(path, separator))
@@ -397,13 +403,16 @@ def resolve_amazon(source: Path, items: Path | None) -> tuple[Path, Path]:
 
 def parse_record(line: str) -> dict | None:
     """One metadata line: JSON, or a Python literal as in the 2014 dump (parsed safely, never eval'd)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
+    if line.lstrip().startswith('{"'):  # looks like JSON: the fast parser first
         try:
-            obj = ast.literal_eval(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            return None
+            obj = json.loads(line)
+            return obj if isinstance(obj, dict) else None
+        except json.JSONDecodeError:
+            pass
+    try:
+        obj = ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
     return obj if isinstance(obj, dict) else None
 
 
@@ -419,65 +428,83 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                yield number, line
+            yield from enumerate(f, start=1)
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
 
 
+def _batches(path: Path, size: int) -> Iterator[list[tuple[int, bytes]]]:
+    batch: list[tuple[int, bytes]] = []
+    for number, raw in iter_lines(path):
+        if raw.strip():
+            batch.append((number, raw))
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def parse_metadata_batch(batch: list[tuple[int, bytes]], fields: tuple[str, ...], id_key: str,
+                         file: str) -> tuple[dict[str, list], dict[str, list]]:
+    """Parse lines into columns (row, item_id, fields...) and rejected rows (REJECTED_SCHEMA columns)."""
+    rows: dict[str, list] = {"row": [], "item_id": [], **{f: [] for f in fields}}
+    bad: dict[str, list] = {name: [] for name in REJECTED_SCHEMA}
+    for number, raw in batch:
+        try:
+            record = parse_record(raw.decode("utf-8"))
+            reason = "malformed_line: not a JSON object or Python dict literal"
+        except UnicodeDecodeError:
+            record, reason = None, "undecodable_text: not valid UTF-8"
+        if record is None:
+            for key, value in (("file", file), ("row", number), ("column", None),
+                               ("value", raw[:200].decode("utf-8", "replace").rstrip()), ("reason", reason)):
+                bad[key].append(value)
+            continue
+        rows["row"].append(number)
+        rows["item_id"].append(_text_value(record.get(id_key)))
+        for f in fields:
+            rows[f].append(_text_value(record.get(f)))
+    return rows, bad
+
+
 def convert_metadata(meta_path: Path, out_path: Path, fields: tuple[str, ...], id_key: str = "asin",
-                     batch_rows: int = 200_000) -> Path:
-    """Stream one-record-per-line metadata into a Parquet file of (row, item_id, fields...) and rejected rows."""
+                     batch_lines: int = 20_000, workers: int | None = None, log=None) -> Path:
+    """Stream one-record-per-line metadata into Parquet: (row, item_id, fields...) and a .rejected.parquet.
+
+    Parsing Python literals is the slow part (tens of microseconds a line), so batches go to a process pool;
+    results come back in file order and are written as they arrive.
+    """
     schema = pa.schema([("row", pa.int64()), ("item_id", pa.string())] + [(f, pa.string()) for f in fields])
-    rejected_path = out_path.with_suffix(".rejected.parquet")
     rej_schema = pa.schema([(k, pa.int64() if k == "row" else pa.string()) for k in REJECTED_SCHEMA])
-    rows: dict[str, list] = {name: [] for name in schema.names}
-    bad: dict[str, list] = {name: [] for name in rej_schema.names}
-    with pq.ParquetWriter(out_path, schema) as writer, pq.ParquetWriter(rejected_path, rej_schema) as rej_writer:
-        def flush() -> None:
+    rejected_path = out_path.with_suffix(".rejected.parquet")
+    workers = workers or min(4, os.cpu_count() or 1)
+    parse = functools.partial(parse_metadata_batch, fields=fields, id_key=id_key, file=str(meta_path))
+    start, done, last_log = time.perf_counter(), 0, time.perf_counter()
+    with pq.ParquetWriter(out_path, schema) as writer, pq.ParquetWriter(rejected_path, rej_schema) as rej_writer, \
+            multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(parse, _batches(meta_path, batch_lines)) if pool else map(parse, _batches(
+            meta_path, batch_lines))
+        for rows, bad in results:
             writer.write_table(pa.table(rows, schema=schema))
             rej_writer.write_table(pa.table(bad, schema=rej_schema))
-            for store in (rows, bad):
-                for values in store.values():
-                    values.clear()
-
-        seen_any = False
-        for number, raw in iter_lines(meta_path):
-            if not raw.strip():
-                continue
-            seen_any = True
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                reason, record = "undecodable_text: not valid UTF-8", None
-            else:
-                record = parse_record(line)
-                reason = "malformed_line: not a JSON object or Python dict literal"
-            if record is None:
-                for key, value in (("file", str(meta_path)), ("row", number), ("column", None),
-                                   ("value", raw[:200].decode("utf-8", "replace")), ("reason", reason)):
-                    bad[key].append(value)
-            else:
-                rows["row"].append(number)
-                rows["item_id"].append(_text_value(record.get(id_key)))
-                for f in fields:
-                    rows[f].append(_text_value(record.get(f)))
-            if len(rows["row"]) + len(bad["row"]) >= batch_rows:
-                flush()
-        flush()
-    if not seen_any:
+            done += len(rows["row"]) + len(bad["row"])
+            if log and time.perf_counter() - last_log > 10:
+                last_log = time.perf_counter()
+                log(f"  {meta_path.name}: {done:,} records parsed ({done / (last_log - start):,.0f}/s)")
+    if done == 0:
         raise UserError(f"{meta_path}: file is empty")
     return out_path
 
 
 def read_amazon_books(source: Path, items_path: Path | None, text_keys: tuple[str, ...] | None,
-                      workdir: Path) -> RawTables:
+                      workdir: Path, log=None) -> RawTables:
     ratings_path, meta_path = resolve_amazon(source, items_path)
     text_keys = text_keys or ("title", "description")
     ratings_utf8 = as_utf8_file(ratings_path, "utf-8", workdir)
     inter = scan_delimited(ratings_utf8, ratings_path, separator=",", columns=["user_id", "item_id", "rating",
                                                                                  "timestamp"])
-    meta_parquet = convert_metadata(meta_path, workdir / "meta.parquet", text_keys)
+    meta_parquet = convert_metadata(meta_path, workdir / "meta.parquet", text_keys, log=log)
     rejected_meta = pl.scan_parquet(meta_parquet.with_suffix(".rejected.parquet"))
     return RawTables(
         interactions=inter.select("row", "user_id", "item_id", "timestamp"),
