@@ -28,10 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Fetch and prepare a dataset: make data DATASET=ml-1m
+# Fetch and prepare a MovieLens dataset: make data DATASET=ml-1m (settings: stages/configs/data-$(DATASET).yaml)
 data: $(STAMP)
 	$(CLI) data fetch $(DATASET) --dest artifacts/raw/$(DATASET)
-	$(CLI) data prepare --format movielens --source artifacts/raw/$(DATASET) --out $(RUN)/data
+	$(CLI) data prepare --config stages/configs/data-$(DATASET).yaml
 
 # The whole pipeline on ML-100K. Stages that are not built yet stop it with a message and a non-zero exit.
 demo: $(STAMP)
