@@ -68,8 +68,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path` as a whole.
 
-    Readers see either the old directory or the complete new one. An existing `path` is moved aside first and
-    deleted only after the new one is in place.
+    Nothing is ever half-written at `path`: it holds the old complete directory or the new complete one (for an
+    instant between the two renames it is absent; a crash in that instant leaves the old one at
+    `.NAME.old-PID`). The old directory is deleted only after the new one is in place. Callers must check that
+    replacing `path` is safe (it is not an input, nor a folder someone else owns).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import polars as pl
 from pipeline import __version__
 from pipeline import config as cfg
 from pipeline.data import readers
-from pipeline.data.canonical import CanonicalRules, build_canonical
+from pipeline.data.canonical import CanonicalCounts, CanonicalRules, build_canonical
 from pipeline.data.sequences import UserSequences, eval_examples, training_sequences
 from pipeline.data.text import DEFAULT_ITEM_PROMPT, DEFAULT_TEXT_KEYS
 from pipeline.errors import ConfigError
@@ -41,8 +41,9 @@ class PrepareConfig:
     items: Path | None = None
     """The item file when it is not found from `source` (item CSV, or meta_Books.json[.gz])."""
     text_keys: tuple[str, ...] | None = None
-    """Item fields that make the item text, in order. Default per format: movielens title,genres; amazon-books
-    title,description; pixelrec title,tag,description; hllm-csv whichever of title,tag,description exist."""
+    """Item fields (columns of the item file) that make the item text, in this order. Default per format:
+    movielens title,genres; amazon-books title,description; pixelrec title,tag,description; hllm-csv whichever
+    of title,tag,description the item file has."""
     item_prompt: str = DEFAULT_ITEM_PROMPT
     """Prefix of every item text (the official prompt)."""
     encoding: str | None = None
@@ -86,7 +87,7 @@ class PrepareConfig:
             return value if value is not None else (amazon_default if amazon else other_default)
 
         return CanonicalRules(
-            text_keys=self.text_keys or DEFAULT_TEXT_KEYS.get(self.format, available),
+            text_keys=self.text_keys or available,  # readers expose the format's default text fields
             item_prompt=self.item_prompt,
             min_user_interactions=self.min_user_interactions,
             raw_min_item_count=pick(self.raw_min_item_count, 5, 0),
@@ -103,47 +104,64 @@ def _read(config: PrepareConfig, workdir: Path, log) -> readers.RawTables:
         return readers.read_movielens(config.source, config.encoding, workdir)
     if config.format == "amazon-books":
         return readers.read_amazon_books(config.source, config.items, config.text_keys, workdir, log=log)
-    defaults = DEFAULT_TEXT_KEYS["pixelrec"]
     return readers.read_hllm_csv(config.source, config.items, config.text_keys, config.encoding or "utf-8",
-                                 workdir, default_keys=defaults)
+                                 workdir, default_keys=DEFAULT_TEXT_KEYS["hllm-csv"])
 
 
 def _rows_read(raw: readers.RawTables) -> dict[str, int]:
-    """Rows read per input file: rows the reader parsed plus rows it rejected itself."""
+    """Rows read per table: rows the reader parsed plus rows it rejected itself."""
     counts = {
-        raw.interactions_file: raw.interactions.select(pl.len()).collect().item(),
-        raw.items_file: raw.items.select(pl.len()).collect().item(),
+        "interactions": raw.interactions.select(pl.len()).collect().item(),
+        "items": raw.items.select(pl.len()).collect().item(),
     }
     for lf in raw.rejected:
-        for file, n in lf.group_by("file").len().collect().iter_rows():
-            counts[file] = counts.get(file, 0) + n
+        for table, n in lf.group_by("table").len().collect().iter_rows():
+            counts[table] += n
     return counts
+
+
+def check_output_folder(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that would replace input data or an unrelated folder."""
+    resolved = out.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if resolved == p or resolved in p.parents or p in resolved.parents:
+            raise ConfigError(f"out={out} overlaps the input {path}; write the tables to a folder of their own")
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"out={out} is an existing file; give a folder")
+        earlier_run = (out / "stats.json").is_file() and (out / "config.yaml").is_file()
+        if not earlier_run and any(out.iterdir()):
+            raise ConfigError(f"out={out} is a non-empty folder that no earlier `data prepare` wrote; it would be "
+                              "replaced as a whole, so give a new or empty folder")
 
 
 def run(config: PrepareConfig, log=print) -> Path:
     """Prepare the canonical tables; returns the output folder."""
     start = time.perf_counter()
+    check_output_folder(config.out, [p for p in (config.source, config.items) if p is not None])
     with tempfile.TemporaryDirectory(prefix="hllm-prepare-") as tmp, atomic_dir(config.out) as out:
         workdir = Path(tmp)
         raw = _read(config, workdir, log)
         rules = config.rules(raw.text_fields)
         counts = build_canonical(raw, rules, workdir, out)
-        counts["rows_read"] = _rows_read(raw)
-        stats = _stats(config, rules, raw, counts, out, time.perf_counter() - start)
+        stats = _stats(config, rules, raw, counts, _rows_read(raw), out, time.perf_counter() - start)
         cfg.save(config, out / "config.yaml")
         write_json_atomic(out / "stats.json", stats)
     log(summary(stats, config.out))
     return config.out
 
 
-def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, counts: dict, out: Path,
-           seconds: float) -> dict:
-    per_file = {}
-    for file, n_read in counts["rows_read"].items():
-        reasons = {reason: n for (f, reason), n in sorted(counts["rejected"].items()) if f == file}
-        per_file[file] = {
-            "rows_read": n_read,
-            "rows_used": counts["rows_used"].get(file, 0),
+def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, counts: CanonicalCounts,
+           rows_read: dict[str, int], out: Path, seconds: float) -> dict:
+    files = {"interactions": raw.interactions_file, "items": raw.items_file}
+    tables = {}
+    for table, file in files.items():
+        reasons = counts.rejected[table]
+        tables[table] = {
+            "file": file,
+            "rows_read": rows_read[table],
+            "rows_used": counts.rows_used[table],
             "rows_rejected": sum(reasons.values()),
             "rejected_by_reason": reasons,
         }
@@ -152,11 +170,11 @@ def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables,
     return {
         "dataset": config.out.parent.name if config.out.name == "data" else config.out.name,
         "format": config.format,
-        "users": counts["users"],
-        "items": counts["items"],
-        "items_with_interactions": counts["items_with_interactions"],
-        "interactions": counts["interactions"],
-        "rejected_rows": sum(counts["rejected"].values()),
+        "users": counts.users,
+        "items": counts.items,
+        "items_with_interactions": counts.items_with_interactions,
+        "interactions": counts.interactions,
+        "rejected_rows": sum(t["rows_rejected"] for t in tables.values()),
         "rules": cfg.to_dict(rules),
         "split": {
             "method": "leave-one-out (test = last, valid = second to last), ties by (timestamp, source row)",
@@ -168,7 +186,7 @@ def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables,
             "min": int(lengths.min()), "median": float(np.median(lengths)),
             "mean": round(float(lengths.mean()), 2), "max": int(lengths.max()),
         },
-        "files": per_file,
+        "tables": tables,
         "inputs": {str(p): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in raw.inputs},
         "seconds": round(seconds, 2),
         "software": {"hllm-pipeline": __version__, "polars": pl.__version__, "python": platform.python_version()},
@@ -181,7 +199,8 @@ def summary(stats: dict, out: Path) -> str:
         f"{stats['items']:,} items ({stats['items_with_interactions']:,} with interactions), "
         f"{stats['interactions']:,} interactions, {stats['rejected_rows']:,} rejected rows",
     ]
-    for file, info in stats["files"].items():
+    for table, info in stats["tables"].items():
         reasons = ", ".join(f"{k} {v:,}" for k, v in info["rejected_by_reason"].items()) or "none rejected"
-        lines.append(f"  {file}: {info['rows_read']:,} rows read, {info['rows_used']:,} used ({reasons})")
+        lines.append(f"  {table} ({info['file']}): {info['rows_read']:,} rows read, {info['rows_used']:,} used "
+                     f"({reasons})")
     return "\n".join(lines)

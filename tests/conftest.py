@@ -19,9 +19,9 @@ def write(path: Path, text: str, encoding: str = "utf-8", newline: str = "\n") -
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `hllm-pipeline ARGS` as a user would (a fresh process, real exit code and streams)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=300)
 

@@ -155,7 +155,8 @@ def test_every_input_row_is_accounted_for(tmp_path):
     done, out = prepare_cli(tmp_path, "hllm-csv", inter, f"items={items}", "keep_items_without_interactions=false")
     assert done.returncode == 0, done.stderr
     stats = json.loads((out / "stats.json").read_text())
-    inter_stats, item_stats = stats["files"][str(inter)], stats["files"][str(items)]
+    inter_stats, item_stats = stats["tables"]["interactions"], stats["tables"]["items"]
+    assert (inter_stats["file"], item_stats["file"]) == (str(inter), str(items))
     assert (inter_stats["rows_read"], inter_stats["rows_used"], inter_stats["rows_rejected"]) == (6, 3, 3)
     assert (item_stats["rows_read"], item_stats["rows_used"], item_stats["rows_rejected"]) == (5, 3, 2)
     assert item_stats["rejected_by_reason"] == {"duplicate_item_id": 1, "item_without_interactions": 1}
@@ -188,3 +189,115 @@ def test_failed_run_leaves_previous_output_untouched(tmp_path):
     assert done.returncode == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir()] == ["data"]  # no temporary folders left behind
+
+
+def test_blank_ids_and_timestamps_are_missing(tmp_path):
+    inter, items = csv_pair(tmp_path, GOOD + 'a,"  ",5\n ,u1,6\nb,u1,""\n')
+    done, out = prepare_cli(tmp_path, "hllm-csv", inter, f"items={items}")
+    assert done.returncode == 0, done.stderr
+    assert read(out, "rejected").select("row", "reason").rows() == [
+        (4, "missing_user_id"), (5, "missing_item_id"), (6, "missing_timestamp")]
+    assert read(out, "users")["user_id"].to_list() == ["u1"]
+
+
+def test_output_folder_may_not_replace_inputs_or_unrelated_folders(tmp_path, ml1m_dir):
+    done = run_cli("data", "prepare", "--format", "movielens", "--source", str(ml1m_dir), "--out", str(ml1m_dir))
+    assert done.returncode == 2 and "overlaps the input" in done.stderr
+    assert (ml1m_dir / "ratings.dat").is_file()
+    done = run_cli("data", "prepare", "--format", "movielens", "--source", str(ml1m_dir), "--out",
+                   str(ml1m_dir.parent))
+    assert done.returncode == 2 and "overlaps the input" in done.stderr
+    unrelated = tmp_path / "mine"
+    write(unrelated / "precious.txt", "keep me")
+    done = run_cli("data", "prepare", "--format", "movielens", "--source", str(ml1m_dir), "--out", str(unrelated))
+    assert done.returncode == 2 and "non-empty folder" in done.stderr
+    assert (unrelated / "precious.txt").read_text() == "keep me"
+    a_file = write(tmp_path / "afile", "x")
+    done = run_cli("data", "prepare", "--format", "movielens", "--source", str(ml1m_dir), "--out", str(a_file))
+    assert done.returncode == 2 and "existing file" in done.stderr
+
+
+def test_official_layout_with_latin1_and_gzip(tmp_path):
+    import gzip
+
+    root = tmp_path / "official"
+    (root / "dataset").mkdir(parents=True)
+    (root / "information").mkdir()
+    (root / "dataset" / "x.csv").write_bytes("item_id,user_id,timestamp\na,u,1\nb,u,2\na,u,3\n".encode("latin-1"))
+    (root / "information" / "x.csv").write_bytes("item_id,title\na,Café\nb,Noël\n".encode("latin-1"))
+    done, out = prepare_cli(tmp_path, "hllm-csv", root, "encoding=latin-1")
+    assert done.returncode == 0, done.stderr
+    assert read(out, "items")["title"].to_list() == ["Café", "Noël"]
+    gz = tmp_path / "gz"
+    (gz / "dataset").mkdir(parents=True)
+    (gz / "information").mkdir()
+    (gz / "dataset" / "x.csv.gz").write_bytes(gzip.compress(b"item_id,user_id,timestamp\na,u,1\nb,u,2\na,u,3\n"))
+    (gz / "information" / "x.csv").write_bytes(b"item_id,title\na,A\nb,B\n")
+    done, out = prepare_cli(tmp_path / "g", "hllm-csv", gz / "dataset" / "x.csv.gz",
+                            f"items={gz / 'information' / 'x.csv'}")
+    assert done.returncode == 0, done.stderr
+    assert read(out, "interactions").height == 3
+
+
+def test_reserved_names_in_input_files(tmp_path):
+    inter, items = csv_pair(tmp_path, "row,item_id,user_id,timestamp\n9,a,u1,1\n9,b,u1,2\n9,c,u1,3\n",
+                            "item_id,title,text\na,A,x\nb,B,y\nc,C,z\n")
+    done, out = prepare_cli(tmp_path, "hllm-csv", inter, f"items={items}")
+    assert done.returncode == 0, done.stderr  # a 'row' column is ignored; rows are numbered by position
+    assert read(out, "interactions")["source_row"].to_list() == [1, 2, 3]
+    done, out = prepare_cli(tmp_path / "r", "hllm-csv", inter, f"items={items}", "text_keys=title,text")
+    assert_user_error(done, out, "text key 'text'", "reserved")
+
+
+def test_grouplens_encoding_and_genre_problems(tmp_path, ml1m_dir):
+    done, out = prepare_cli(tmp_path, "movielens", ml1m_dir, "encoding=bogus")
+    assert_user_error(done, out, "unknown encoding 'bogus'")
+    src = tmp_path / "ml-100k"
+    write(src / "u.item", "1|A (1990)|||x|" + "|".join(["0"] * 19) + "\n")
+    write(src / "u.data", "1\t1\t5\t1\n")
+    write(src / "u.genre", "Action|x\n")
+    done, out = prepare_cli(tmp_path / "g", "movielens", src)
+    assert_user_error(done, out, "u.genre: line 1", "expected 'genre|number'")
+
+
+def test_latin1_bytes_that_python_treats_as_line_breaks(tmp_path, ml1m_dir):
+    # 0x85 is '…' in cp1252 and NEL in Latin-1: it is part of a title, not a line end
+    (ml1m_dir / "movies.dat").write_bytes(b"1::Toy\x85Story (1995)::Comedy\n2::B (1990)::Drama\n3::C (1991)::Drama\n"
+                                          b"4::D (1992)::Drama\n5::E (1993)::Drama\n")
+    done, out = prepare_cli(tmp_path, "movielens", ml1m_dir)
+    assert done.returncode == 0, done.stderr
+    items = read(out, "items")
+    assert items.height == 5 and items["title"][0] == "Toy\x85Story (1995)"
+
+
+def test_short_grouplens_rows_are_rejected_not_padded(tmp_path):
+    src = tmp_path / "ml-100k"
+    write(src / "u.item", "1|A (1990)|||x|" + "|".join(["0"] * 19) + "\n" + "2|B (1990)|||x|" + "|".join(["0"] * 18)
+          + "\n")
+    write(src / "u.data", "1\t1\t5\t1\n1\t1\t4\t2\n1\t1\t3\t3\n")
+    done, out = prepare_cli(tmp_path, "movielens", src)
+    assert done.returncode == 0, done.stderr
+    assert read(out, "rejected").select("table", "row", "reason").rows() == [
+        ("items", 2, "malformed_line: 23 fields, expected 24")]
+
+
+def test_unquoted_ragged_row_is_located(tmp_path):
+    src = tmp_path / "rb"
+    write(src / "x.item", 'item_id:token\tmovie_title:token\na\t"Quoted\nb\tB\textra\n')
+    write(src / "x.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\n")
+    done, out = prepare_cli(tmp_path, "movielens", src)
+    assert_user_error(done, out, "x.item, row 2", "3 fields, expected 2")
+
+
+def test_strict_when_every_row_is_rejected(tmp_path):
+    inter, items = csv_pair(tmp_path, "item_id,user_id,timestamp\nzz,u1,1\n")
+    done, out = prepare_cli(tmp_path, "hllm-csv", inter, f"items={items}", "strict=true")
+    assert_user_error(done, out, "row 1, column 'item_id'", "not in the item file")
+
+
+def test_one_file_for_both_tables_is_accounted_per_table(tmp_path):
+    both = write(tmp_path / "raw" / "one.csv", "item_id,user_id,timestamp,title\na,u,1,A\nb,u,2,B\nc,u,3,C\n")
+    done, out = prepare_cli(tmp_path, "hllm-csv", both, f"items={both}", "text_keys=title")
+    assert done.returncode == 0, done.stderr
+    tables = json.loads((out / "stats.json").read_text())["tables"]
+    assert [(t["rows_read"], t["rows_used"]) for t in tables.values()] == [(3, 3), (3, 3)]

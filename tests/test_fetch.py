@@ -69,3 +69,30 @@ def test_both_sources_failing_is_one_clear_error(tmp_path, fake_archive, monkeyp
 def test_unknown_dataset(tmp_path):
     with pytest.raises(UserError, match="unknown dataset 'ml-20m'; available: ml-100k, ml-1m"):
         fetch_mod.fetch("ml-20m", tmp_path)
+
+
+def test_folder_holding_another_dataset_is_refused(tmp_path, fake_archive):
+    dest = tmp_path / "raw"
+    fetch_mod.fetch("tiny", dest, log=lambda _: None)
+    record = json.loads((dest / "FETCHED.json").read_text())
+    (dest / "FETCHED.json").write_text(json.dumps({**record, "dataset": "ml-100k"}))
+    with pytest.raises(UserError, match="already holds ml-100k"):
+        fetch_mod.fetch("tiny", dest, log=lambda _: None)
+
+
+def test_unreadable_record_needs_force(tmp_path, fake_archive):
+    dest = tmp_path / "raw"
+    fetch_mod.fetch("tiny", dest, log=lambda _: None)
+    (dest / "FETCHED.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable: --force fetches again"):
+        fetch_mod.fetch("tiny", dest, log=lambda _: None)
+    assert fetch_mod.fetch("tiny", dest, force=True, log=lambda _: None)["source"] == "grouplens"
+
+
+def test_unrelated_folder_is_not_replaced(tmp_path, fake_archive):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not an earlier fetch"):
+        fetch_mod.fetch("tiny", dest, log=lambda _: None)
+    assert (dest / "notes.txt").read_text() == "keep"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import polars as pl
@@ -48,16 +47,23 @@ def test_counts(prepared, name):
 
 
 def raw_rows(raw: Path) -> list[tuple[str, str, int, int]]:
-    """(user, item, timestamp, row) straight from the raw file with the csv module: an independent reader."""
-    files = list(raw.glob("*.inter")) or [raw / "u.data"]
+    """(user, item, timestamp, row) straight from the raw file with plain Python: an independent reader.
+
+    Handles both sources: GroupLens (u.data, ratings.dat) and the RecBole copies (*.inter)."""
+    if (raw / "ratings.dat").exists():
+        path, sep, header = raw / "ratings.dat", "::", False
+    elif (raw / "u.data").exists():
+        path, sep, header = raw / "u.data", "\t", False
+    else:
+        path, sep, header = next(raw.glob("*.inter")), "\t", True
     rows = []
-    with open(files[0], encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        if files[0].suffix == ".inter":
-            next(reader)
-        for number, fields in enumerate(reader, start=1):
-            if fields:
-                rows.append((fields[0], fields[1], int(float(fields[3].strip())), number))
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines[1:] if header else lines, start=1):
+        line = line.rstrip("\r")
+        if line:
+            user, item, _, ts = line.split(sep)
+            rows.append((user, item, int(float(ts)), number))
     return rows
 
 

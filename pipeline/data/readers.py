@@ -17,7 +17,9 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError, where
 
 REJECTED_SCHEMA = {
+    "table": pl.String,
     "file": pl.String,
     "row": pl.Int64,
     "column": pl.String,
@@ -111,7 +114,9 @@ def as_utf8_file(path: Path, encoding: str, workdir: Path) -> Path:
     if not gz and encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
         check_utf8(path)
         return path
-    out = workdir / (path.name.removesuffix(".gz") + ".utf8")
+    fd, name = tempfile.mkstemp(prefix=path.name.removesuffix(".gz") + ".", suffix=".utf8", dir=workdir)
+    os.close(fd)
+    out = Path(name)
     opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as src, open(out, "w", encoding="utf-8", newline="") as dst:
@@ -130,10 +135,12 @@ def as_utf8_file(path: Path, encoding: str, workdir: Path) -> Path:
     return out
 
 
-def _ragged_row(path: Path, separator: str, has_header: bool, expected: int) -> tuple[int, int]:
+def _ragged_row(path: Path, separator: str, quote_char: str | None, has_header: bool, expected: int
+                ) -> tuple[int, int]:
     """Find the first data row whose field count differs from `expected` (slow path, only after a failure)."""
+    quoting = {"quotechar": quote_char} if quote_char else {"quoting": csv.QUOTE_NONE}
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=separator)
+        reader = csv.reader(f, delimiter=separator, **quoting)
         if has_header:
             next(reader, None)
         for row_number, fields in enumerate(reader, start=1):
@@ -152,8 +159,9 @@ def scan_delimited(
 ) -> pl.LazyFrame:
     """Scan a delimited UTF-8 file as all-String columns plus a 1-based `row` (header not counted).
 
-    `columns=None` means the file has a header, which names the columns. A row with the wrong number of fields
-    is a UserError naming that row.
+    `columns=None` means the file has a header, which names the columns (a column of the file called `row` is
+    dropped: the name is taken by the row number). A row with more fields than the header is a UserError
+    naming that row; a row with fewer reads as missing values for the fields it lacks.
     """
     has_header = columns is None
     lf = pl.scan_csv(
@@ -163,7 +171,7 @@ def scan_delimited(
         quote_char=quote_char,
         new_columns=columns,
         infer_schema=False,
-        row_index_name="row",
+        row_index_name="__row__",
         row_index_offset=1,
         raise_if_empty=False,
     )
@@ -177,12 +185,14 @@ def scan_delimited(
     except pl.exceptions.ComputeError as e:
         if "more fields" in str(e) or "ragged" in str(e).lower():
             expected = len(columns) if columns else len(_header(path, separator))
-            row, got = _ragged_row(path, separator, has_header, expected)
+            row, got = _ragged_row(path, separator, quote_char, has_header, expected)
             raise UserError(f"{where(display, row)}: has {got} fields, expected {expected}") from None
         raise UserError(f"{display}: cannot parse as '{separator}'-separated text ({str(e).splitlines()[0]})") from None
     if not header:
         raise UserError(f"{display}: file is empty")
-    return lf.with_columns(pl.col("row").cast(pl.Int64))
+    if "row" in header:
+        lf = lf.drop("row")
+    return lf.rename({"__row__": "row"}).with_columns(pl.col("row").cast(pl.Int64))
 
 
 def _header(path: Path, separator: str) -> list[str]:
@@ -201,19 +211,24 @@ def require_columns(lf: pl.LazyFrame, display: Path, required: list[str]) -> Non
         )
 
 
-def split_lines(path: Path, display: Path, encoding: str, sep: str, columns: list[str]) -> tuple[pl.LazyFrame,
-                                                                                                 pl.LazyFrame]:
-    """Read a file of `sep`-separated lines (e.g. GroupLens '::'). Lines with the wrong field count are rejected."""
+def split_lines(path: Path, table: str, encoding: str, sep: str, columns: list[str]
+                ) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Read a small file of `sep`-separated lines without quoting (GroupLens u.data, u.item, *.dat).
+
+    Returns (rows with exactly len(columns) fields, the other lines as rejected rows).
+    """
     _require_file(path)
     try:
         text = path.read_bytes().decode(encoding)
     except UnicodeDecodeError as e:
-        raise UserError(f"{display}: text is not valid {encoding} ({e.reason}); set encoding=") from None
-    lines = text.splitlines()
+        raise UserError(f"{path}: text is not valid {encoding} ({e.reason}); set encoding=") from None
+    except LookupError:
+        raise UserError(f"unknown encoding '{encoding}'; use e.g. utf-8 or latin-1") from None
+    lines = re.split(r"\r?\n", text)  # not str.splitlines: Latin-1 0x85 and 0x1c-0x1e are not line ends
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise UserError(f"{display}: file is empty")
+        raise UserError(f"{path}: file is empty")
     frame = pl.DataFrame({"row": pl.Series(range(1, len(lines) + 1), dtype=pl.Int64), "line": lines})
     parts = pl.col("line").str.split(sep)
     frame = frame.with_columns(parts.alias("_parts"), parts.list.len().alias("_n"))
@@ -222,7 +237,8 @@ def split_lines(path: Path, display: Path, encoding: str, sep: str, columns: lis
     )
     good = good.with_columns([pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in columns])
     bad = frame.filter(pl.col("_n") != len(columns)).select(
-        pl.lit(str(display)).alias("file"),
+        pl.lit(table).alias("table"),
+        pl.lit(str(path)).alias("file"),
         "row",
         pl.lit(None, dtype=pl.String).alias("column"),
         pl.col("line").alias("value"),
@@ -240,7 +256,7 @@ def read_movielens(source: Path, encoding: str | None, workdir: Path) -> RawTabl
     if not source.is_dir():
         raise UserError(f"{source}: expected a directory holding a MovieLens dataset")
     if (source / "u.data").exists() or (source / "u.item").exists():
-        return _read_ml100k(source, encoding or "latin-1", workdir)
+        return _read_ml100k(source, encoding or "latin-1")
     if (source / "ratings.dat").exists() or (source / "movies.dat").exists():
         return _read_ml1m(source, encoding or "latin-1")
     inter = sorted(source.glob("*.inter"))
@@ -256,19 +272,28 @@ def read_movielens(source: Path, encoding: str | None, workdir: Path) -> RawTabl
     )
 
 
-def _read_ml100k(source: Path, encoding: str, workdir: Path) -> RawTables:
-    data_path, item_path = _require_file(source / "u.data"), _require_file(source / "u.item")
-    check_utf8(data_path)  # ASCII in practice
-    inter = scan_delimited(data_path, data_path, separator="\t", quote_char=None,
-                           columns=["user_id", "item_id", "rating", "timestamp"])
+def _genre_names(path: Path, encoding: str) -> list[str]:
+    """u.genre: 'name|index' lines."""
+    pairs = []
+    for number, line in enumerate(path.read_bytes().decode(encoding, "replace").split("\n"), start=1):
+        if line.strip():
+            name, _, index = line.strip().partition("|")
+            if not index.isdigit():
+                raise UserError(f"{path}: line {number}: expected 'genre|number', got {line.strip()!r}")
+            pairs.append((int(index), name))
+    return [name for _, name in sorted(pairs)]
+
+
+def _read_ml100k(source: Path, encoding: str) -> RawTables:
+    data_path, item_path = source / "u.data", source / "u.item"
+    inter, bad_inter = split_lines(data_path, "interactions", "utf-8", "\t",
+                                   ["user_id", "item_id", "rating", "timestamp"])
     genres = list(MOVIELENS_100K_GENRES)
     if (source / "u.genre").exists():
-        pairs = [ln.split("|") for ln in (source / "u.genre").read_text(encoding=encoding).splitlines() if ln.strip()]
-        genres = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
-    item_cols = ["item_id", "title", "release_date", "video_release_date", "imdb_url"] + [f"g{i}" for i in
-                                                                                         range(len(genres))]
-    item_file = as_utf8_file(item_path, encoding, workdir)
-    items = scan_delimited(item_file, item_path, separator="|", quote_char=None, columns=item_cols)
+        genres = _genre_names(source / "u.genre", encoding)
+    item_cols = ["item_id", "title", "release_date", "video_release_date", "imdb_url"] + [
+        f"g{i}" for i in range(len(genres))]
+    items, bad_items = split_lines(item_path, "items", encoding, "|", item_cols)
     flags = [pl.when(pl.col(f"g{i}") == "1").then(pl.lit(g)) for i, g in enumerate(genres)]
     items = items.select(
         "row", "item_id", "title",
@@ -280,15 +305,16 @@ def _read_ml100k(source: Path, encoding: str, workdir: Path) -> RawTables:
         items=items,
         items_file=str(item_path),
         text_fields=("title", "genres"),
+        rejected=[bad_inter, bad_items],
         inputs=[data_path, item_path],
     )
 
 
 def _read_ml1m(source: Path, encoding: str) -> RawTables:
     ratings_path, movies_path = source / "ratings.dat", source / "movies.dat"
-    inter, bad_inter = split_lines(ratings_path, ratings_path, encoding, "::",
+    inter, bad_inter = split_lines(ratings_path, "interactions", encoding, "::",
                                    ["user_id", "item_id", "rating", "timestamp"])
-    items, bad_items = split_lines(movies_path, movies_path, encoding, "::", ["item_id", "title", "genres"])
+    items, bad_items = split_lines(movies_path, "items", encoding, "::", ["item_id", "title", "genres"])
     return RawTables(
         interactions=inter.select("row", "user_id", "item_id", "timestamp"),
         interactions_file=str(ratings_path),
@@ -411,7 +437,7 @@ def parse_record(line: str) -> dict | None:
             pass
     try:
         obj = ast.literal_eval(line)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -457,7 +483,7 @@ def parse_metadata_batch(batch: list[tuple[int, bytes]], fields: tuple[str, ...]
         except UnicodeDecodeError:
             record, reason = None, "undecodable_text: not valid UTF-8"
         if record is None:
-            for key, value in (("file", file), ("row", number), ("column", None),
+            for key, value in (("table", "items"), ("file", file), ("row", number), ("column", None),
                                ("value", raw[:200].decode("utf-8", "replace").rstrip()), ("reason", reason)):
                 bad[key].append(value)
             continue

@@ -2,8 +2,9 @@
 
     text = prompt + "".join(f"{key}: {value}" for key in text_keys if value is not missing)
 
-No separator between fields; a missing value (null, empty, or the string "nan" that pandas writes for NaN) is
-skipped. Tokens: the tokenizer's own special tokens, the first `max_text_tokens` kept, then `n_item_tokens`
+No separator between fields. A missing value is skipped: null, empty, or one of the strings pandas reads as
+NaN (the official code reads item files with pandas and tests `value and str(value) != 'nan'`).
+Tokens: the tokenizer's own special tokens, the first `max_text_tokens` kept, then `n_item_tokens`
 placeholder positions whose input embeddings the Item LLM replaces with learnable `[ITEM]` vectors.
 """
 
@@ -18,11 +19,15 @@ DEFAULT_TEXT_KEYS = {
     "movielens": ("title", "genres"),
     "amazon-books": ("title", "description"),
     "pixelrec": ("title", "tag", "description"),
+    "hllm-csv": ("title", "tag", "description"),  # those of them the item file has
 }
+# pandas.read_csv's default NA strings: the official pipeline never sees these as text
+PANDAS_NA = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
 
 
 def is_missing(value: object) -> bool:
-    return value is None or str(value) == "" or str(value).lower() == "nan"
+    return value is None or str(value) in PANDAS_NA
 
 
 def build_item_text(fields: dict[str, object], text_keys: Sequence[str], prompt: str = DEFAULT_ITEM_PROMPT) -> str:
@@ -35,7 +40,7 @@ def item_text_expr(text_keys: Sequence[str], prompt: str = DEFAULT_ITEM_PROMPT) 
     parts = [pl.lit(prompt)]
     for key in text_keys:
         value = pl.col(key).cast(pl.String)
-        missing = value.is_null() | (value == "") | (value.str.to_lowercase() == "nan")
+        missing = value.is_null() | value.is_in(list(PANDAS_NA))
         parts.append(pl.when(missing).then(pl.lit("")).otherwise(pl.lit(f"{key}: ") + value))
     return pl.concat_str(parts)
 

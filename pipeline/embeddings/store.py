@@ -1,0 +1,147 @@
+"""The item-embedding store: `embeddings/<version>/` with shards and a manifest (DESIGN.md "Embedding store").
+
+    shard-00000.safetensors   tensors item_idx int64 [n] and embedding [n, d] (or .parquet: the same columns,
+                              embedding as a fixed-size list)
+    items.parquet             item_idx -> text_sha256 of every embedded item
+    manifest.json             model fingerprint, dim, dtype, rows, per-shard sha256; written last, atomically
+
+A version is visible only once manifest.json exists. While a job runs, each finished shard is renamed into
+place and listed in progress.json, so a rerun after a kill continues from the last complete shard.
+Readers memory-map shards and refuse one whose sha256 differs from the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"shard-{index:05d}.{fmt}"
+
+
+def write_shard(path: Path, item_idx: np.ndarray, embedding: torch.Tensor, fmt: str) -> str:
+    """Write one shard atomically; returns its sha256."""
+    with atomic_path(path) as tmp:
+        if fmt == "safetensors":
+            save_file({"item_idx": torch.as_tensor(item_idx, dtype=torch.int64).contiguous(),
+                       "embedding": embedding.contiguous()}, str(tmp))
+        elif fmt == "parquet":
+            values = embedding.float().numpy() if embedding.dtype == torch.bfloat16 else embedding.numpy()
+            dim = values.shape[1]
+            column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+            pq.write_table(pa.table({"item_idx": pa.array(item_idx, pa.int64()), "embedding": column}), tmp)
+        else:
+            raise ValueError(f"unknown shard format {fmt!r}")
+    return sha256_file(path)
+
+
+class ShardWriter:
+    """Writes shards of one version as they complete, resumable, and the manifest last."""
+
+    def __init__(self, root: Path, fmt: str, dtype: str, fingerprint: dict) -> None:
+        self.root, self.fmt, self.dtype = root, fmt, dtype
+        self.fingerprint = fingerprint
+        root.mkdir(parents=True, exist_ok=True)
+        progress = root / PROGRESS
+        self.done: dict[str, dict] = {}
+        if progress.is_file():
+            saved = json.loads(progress.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise UserError(f"{root}: holds an unfinished job with other settings or another model; "
+                                "delete the folder or choose another version")
+            # keep only shards whose file is there and intact
+            for name, info in saved["shards"].items():
+                if (root / name).is_file() and sha256_file(root / name) == info["sha256"]:
+                    self.done[name] = info
+
+    def is_done(self, index: int) -> bool:
+        return shard_name(index, self.fmt) in self.done
+
+    def write(self, index: int, item_idx: np.ndarray, embedding: torch.Tensor) -> None:
+        name = shard_name(index, self.fmt)
+        sha = write_shard(self.root / name, item_idx, embedding.to(DTYPES[self.dtype]), self.fmt)
+        self.done[name] = {"rows": len(item_idx), "sha256": sha}
+        write_json_atomic(self.root / PROGRESS, {"fingerprint": self.fingerprint, "shards": self.done})
+
+    def finish(self, items: pl.DataFrame, dim: int, extra: dict) -> dict:
+        """Write items.parquet and, last, the manifest: from now on the version is visible."""
+        with atomic_path(self.root / "items.parquet") as tmp:
+            items.select("item_idx", "text_sha256").write_parquet(tmp)
+        shards = [{"file": name, **info} for name, info in sorted(self.done.items())]
+        manifest = {
+            **self.fingerprint,
+            "dim": dim,
+            "dtype": self.dtype,
+            "format": self.fmt,
+            "rows": sum(s["rows"] for s in shards),
+            "shards": shards,
+            "items_sha256": sha256_file(self.root / "items.parquet"),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+        write_json_atomic(self.root / MANIFEST, manifest)
+        (self.root / PROGRESS).unlink(missing_ok=True)
+        return manifest
+
+
+@dataclass
+class EmbeddingTable:
+    """All item embeddings of one version, as row item_idx of `embeddings` (row 0 = padding, zeros)."""
+
+    embeddings: torch.Tensor
+    """(N+1, d)."""
+    manifest: dict
+    root: Path
+
+
+def _read_shard(path: Path, fmt: str) -> tuple[np.ndarray, torch.Tensor]:
+    if fmt == "safetensors":
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped
+            return f.get_tensor("item_idx").numpy(), f.get_tensor("embedding")
+    table = pq.read_table(path, memory_map=True)
+    values = table.column("embedding").combine_chunks()
+    dim = values.type.list_size
+    emb = torch.from_numpy(values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+    return table.column("item_idx").to_numpy(), emb
+
+
+def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
+    """Read a finished version; every shard's sha256 is checked against the manifest."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{root}: no {MANIFEST}: the embedding job did not finish (rerun it to resume)")
+    manifest = json.loads(manifest_path.read_text())
+    rows = int(manifest["rows"])
+    max_idx = int(manifest.get("max_item_idx", rows))
+    table = torch.zeros(max_idx + 1, int(manifest["dim"]), dtype=DTYPES[manifest["dtype"]])
+    seen = 0
+    for shard in manifest["shards"]:
+        path = root / shard["file"]
+        if not path.is_file():
+            raise UserError(f"{path}: shard listed in the manifest is missing")
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise UserError(f"{path}: checksum does not match the manifest; the shard is corrupt, re-run the job")
+        idx, emb = _read_shard(path, manifest["format"])
+        table[torch.from_numpy(idx.astype(np.int64))] = emb.to(table.dtype)
+        seen += len(idx)
+    if seen != rows:
+        raise UserError(f"{root}: manifest says {rows} rows, shards hold {seen}")
+    return EmbeddingTable(table, manifest, root)
