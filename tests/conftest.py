@@ -54,3 +54,77 @@ def ml1m_dir(tmp_path: Path) -> Path:
         "20::1::3::5",
     ]) + "\n")
     return src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models and a planted-pattern dataset for the model tests
+
+
+def make_tiny_tokenizer(words: list[str]):
+    """A word-level tokenizer with [CLS]/[SEP] templates and a pad token, built here (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + sorted(set(words))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+PLANTED_ITEMS = 40
+
+
+def planted_words() -> list[str]:
+    prompt = "Compress the following sentence into embedding : title"
+    return prompt.split() + [f"w{i}" for i in range(PLANTED_ITEMS)] + [f"g{i}" for i in range(5)]
+
+
+def make_tiny_item_model(path: Path, kind: str = "bert", hidden: int = 32) -> Path:
+    """A randomly initialised tiny encoder (bert) or decoder (llama) directory with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    tokenizer = make_tiny_tokenizer(planted_words())
+    if kind == "bert":
+        config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=2 * hidden,
+                                      max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    else:
+        config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=2 * hidden,
+                                      max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_planted_data(root: Path, n_users: int = 120, length: int = 12, seed: int = 0, prompt: str = "") -> Path:
+    """Users walk the item cycle 1 -> 2 -> ... -> 40 -> 1 from a random start: next item = current + 1.
+
+    Prepared through the real `data prepare` (hllm-csv format) into root/data."""
+    import numpy as np
+
+    from pipeline import config as cfg
+    from stages import prepare
+
+    rng = np.random.default_rng(seed)
+    rows = ["item_id,user_id,timestamp"]
+    for u in range(n_users):
+        start = int(rng.integers(0, PLANTED_ITEMS))
+        for t in range(length):
+            rows.append(f"i{(start + t) % PLANTED_ITEMS},u{u},{1000 + t}")
+    write(root / "raw" / "inter.csv", "\n".join(rows) + "\n")
+    items = ["item_id,title"] + [f"i{k},w{k} g{k % 5}" for k in range(PLANTED_ITEMS)]
+    write(root / "raw" / "items.csv", "\n".join(items) + "\n")
+    out = root / "data"
+    conf = cfg.load(prepare.PrepareConfig, format="hllm-csv", source=root / "raw" / "inter.csv",
+                    items=root / "raw" / "items.csv", out=out, item_prompt=prompt)
+    prepare.run(conf, log=lambda _: None)
+    return out

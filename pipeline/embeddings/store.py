@@ -119,7 +119,7 @@ def _read_shard(path: Path, fmt: str) -> tuple[np.ndarray, torch.Tensor]:
     table = pq.read_table(path, memory_map=True)
     values = table.column("embedding").combine_chunks()
     dim = values.type.list_size
-    emb = torch.from_numpy(values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+    emb = torch.from_numpy(values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).copy())
     return table.column("item_idx").to_numpy(), emb
 
 

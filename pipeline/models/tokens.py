@@ -72,7 +72,7 @@ class TokenizedCatalogue:
         else:
             raise ValueError(f"alignment must be 'right' or 'left', got {alignment!r}")
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))}
+                "position_ids": torch.from_numpy(np.array(positions, dtype=np.int64))}
 
 
 def budget_batches(lengths: np.ndarray, token_budget: int, max_batch: int = 1024) -> list[np.ndarray]:

@@ -1,0 +1,320 @@
+"""Stage one: the Item LLM, the nce loss, end-to-end training, the embedding job and its store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, make_planted_data, make_tiny_item_model, run_cli
+from safetensors.torch import load_file
+
+from pipeline import config as cfg
+from pipeline.embeddings import store
+from pipeline.embeddings.encode import embed_items, embed_items_reference
+from pipeline.errors import UserError
+from pipeline.models import build
+from pipeline.models.hllm import HLLM, ItemLLM, nce_loss
+from pipeline.models.tokens import TokenizedCatalogue
+from pipeline.training import validate
+from stages import embed_items as stage
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("planted")
+    return {"data": make_planted_data(root), "llama": make_tiny_item_model(root / "tiny-llama", "llama"),
+            "bert": make_tiny_item_model(root / "tiny-bert", "bert"), "root": root}
+
+
+def settings(planted, out: Path, *extra: str, kind: str = "llama") -> stage.EmbedItemsConfig:
+    base = [f"data={planted['data']}", f"out={out}", f"model.item_model={planted[kind]}", "model.user_model=llama-tiny",
+            "model.max_text_tokens=16", "train.batch_size=16", "train.max_len=5", "train.num_negatives=16",
+            "train.lr=3e-3", "train.eval_users=120", "train.log_every=50", "train.checkpoint_every=1000",
+            "embed.shard_rows=7", "device=cpu"]
+    if kind == "bert":
+        base.append("model.pooling=mean")
+    return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
+
+
+def quiet(_):
+    pass
+
+
+def tiny_item_llm(planted, kind: str, pooling: str, out_dim: int | None = None) -> tuple[ItemLLM, TokenizedCatalogue]:
+    item_llm, tokenizer = build.build_item_llm(str(planted[kind]), "pretrained", pooling, out_dim or 32, log=quiet)
+    items = pl.read_parquet(planted["data"] / "items.parquet").sort("item_idx")
+    return item_llm.eval(), TokenizedCatalogue.build(tokenizer, items["text"].to_list(), 16)
+
+
+# ---- the Item LLM ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_item_token_embedding_is_the_hidden_state_at_the_appended_position(planted, kind):
+    item_llm, catalogue = tiny_item_llm(planted, kind, "item_token")
+    chunk = catalogue.chunk(np.array([1, 5, 9]), n_item_tokens=1)
+    with torch.no_grad():
+        got = item_llm(**chunk)
+        embeds = item_llm.backbone.get_input_embeddings()(chunk["input_ids"]).clone()
+        embeds[:, -1] = item_llm.item_token[0, 0]  # the placeholder's input embedding, replaced
+        hidden = item_llm.backbone(inputs_embeds=embeds, attention_mask=chunk["attention_mask"],
+                                   position_ids=chunk["position_ids"]).last_hidden_state
+    torch.testing.assert_close(got, hidden[:, -1])
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_mean_pooling_is_the_mean_over_text_tokens(planted):
+    item_llm, catalogue = tiny_item_llm(planted, "bert", "mean")
+    chunk = catalogue.chunk(np.array([2, 3]), n_item_tokens=0)
+    with torch.no_grad():
+        got = item_llm(**chunk)
+        hidden = item_llm.backbone(**chunk).last_hidden_state
+    for row in range(2):
+        real = chunk["attention_mask"][row].bool()
+        torch.testing.assert_close(got[row], hidden[row, real].mean(0))
+
+
+def test_projection_when_sizes_differ(planted):
+    item_llm, catalogue = tiny_item_llm(planted, "llama", "item_token", out_dim=48)
+    assert item_llm.proj is not None
+    assert embed_items(item_llm, catalogue, np.arange(1, 5)).shape == (4, 48)
+
+
+@pytest.mark.parametrize("kind, pooling", [("llama", "item_token"), ("bert", "item_token"), ("bert", "mean")])
+@pytest.mark.parametrize("alignment", ["right", "left"])
+def test_sorted_budget_path_agrees_with_the_padded_reference(planted, kind, pooling, alignment):
+    item_llm, catalogue = tiny_item_llm(planted, kind, pooling)
+    items = np.array([40, 3, 17, 1, 22, 9, 30, 5, 11])
+    fast = embed_items(item_llm, catalogue, items, token_budget=24, alignment=alignment)
+    reference = embed_items_reference(item_llm, catalogue, items, batch_size=4, alignment=alignment)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+    assert F.cosine_similarity(fast, reference).min() > 0.9999
+
+
+# ---- the loss ----------------------------------------------------------------------------------------------
+
+
+def test_nce_loss_by_hand():
+    user = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    negatives = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    out = nce_loss(user, targets, torch.tensor([7, 7]), negatives, torch.tensor([3, 7, 4]), torch.tensor(0.0))
+    # scale 1; row 0: positive cos 1, negatives cos 0, (id 7 = target: masked), -1
+    expected0 = -torch.log_softmax(torch.tensor([1.0, 0.0, -1.0]), 0)[0]
+    expected1 = -torch.log_softmax(torch.tensor([0.0, 1.0, 0.0]), 0)[0]
+    torch.testing.assert_close(out.loss_per_position, torch.stack([expected0, expected1]))
+    assert out.surviving_negatives.tolist() == [2, 2]
+    assert out.top1_correct.tolist() == [True, False]
+
+
+def test_collisions_leave_every_gradient_finite():
+    torch.manual_seed(0)
+    user = torch.randn(6, 8, requires_grad=True)
+    targets = torch.randn(6, 8, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+    ids = torch.tensor([1, 2, 3, 1, 2, 3])
+    out = nce_loss(user, targets, ids, targets.detach()[:3], torch.tensor([1, 2, 3]), scale)
+    out.loss_per_position.mean().backward()
+    for grad in (user.grad, targets.grad, scale.grad):
+        assert torch.isfinite(grad).all()
+    assert out.surviving_negatives.tolist() == [2] * 6
+
+
+def test_nce_loss_is_fp32_under_bf16_inputs():
+    user = torch.randn(4, 8).to(torch.bfloat16)
+    out = nce_loss(user, user, torch.arange(4), user, torch.arange(10, 14), torch.tensor(1.0))
+    assert out.loss_per_position.dtype == torch.float32
+
+
+# ---- models: bad paths and wrong kinds ----------------------------------------------------------------------
+
+
+def test_encoder_as_user_llm_is_refused(planted):
+    with pytest.raises(UserError, match="must be a causal decoder"):
+        build.build_user_llm(str(planted["bert"]), "pretrained", log=quiet)
+
+
+def test_bad_model_settings_are_one_line_errors(planted, tmp_path):
+    base = [f"data={planted['data']}", f"out={tmp_path / 'o'}", "model.user_model=llama-tiny", "device=cpu"]
+    cases = [
+        (["model.item_model=/no/such/model"], "not a preset"),
+        (["model.item_model=llama-tiny"], "config-only preset without a tokenizer"),
+        ([f"model.item_model={planted['llama']}", f"model.user_model={planted['bert']}"], "causal decoder"),
+        ([f"model.item_model={planted['llama']}", "train.batch_size=0"], "train.batch_size=0: must be >= 1"),
+        ([f"model.item_model={planted['llama']}", "model.pooling=cls"], "expected one of item_token, mean"),
+    ]
+    for extra, message in cases:
+        done = run_cli("embed-items", *base, *extra)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+        assert "Traceback" not in done.stderr
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_planted_pattern_is_learned(planted, tmp_path, kind):
+    """Users walk items 1 -> 2 -> 3 ...: the trained model must beat the untrained one and popularity."""
+    conf = settings(planted, tmp_path / "run", "train.epochs=15", "train.patience=20", kind=kind)
+    torch.manual_seed(conf.seed)
+    user_llm = build.build_user_llm("llama-tiny", "scratch", log=quiet)
+    item_llm, tokenizer = build.build_item_llm(str(planted[kind]), "pretrained", conf.model.pooling, user_llm.dim,
+                                               log=quiet)
+    seqs, items = stage._load_data(conf.data)
+    catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), 16)
+    untrained = validate(HLLM(item_llm, user_llm), catalogue, seqs, 5, 120, conf.seed, 4096,
+                         conf.model.positions)
+    stage.run(conf, log=quiet)
+    history = [json.loads(line) for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl") if "valid" in line]
+    best = max(h["valid"]["recall@10"] for h in history)
+    assert best >= untrained["recall@10"] + 0.3, (best, untrained)
+    assert best >= untrained["popularity"]["recall@10"] + 0.3, (best, untrained)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl")
+              if '"loss"' in line]
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
+    extra = ("train.max_steps=9", "train.checkpoint_every=4", "train.eval_users=0")
+    stage.run(settings(planted, tmp_path / "straight", *extra), log=quiet)
+
+    import pipeline.training as training
+
+    calls = {"n": 0}
+    real = stage.make_batch
+
+    def crash_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "make_batch", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
+    saved = torch.load(tmp_path / "resumed" / "stage1" / "state.pt", weights_only=False)
+    assert saved["state"]["step"] == 4
+    monkeypatch.setattr(stage, "make_batch", real)
+    stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
+    del training
+    for sub in ("item_llm/backbone/model.safetensors", "item_llm/item_head.safetensors",
+                "user_llm_stage1/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / sub), load_file(tmp_path / "resumed" / sub)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resume_with_other_settings_is_refused(planted, tmp_path):
+    stage.run(settings(planted, tmp_path / "r", "train.max_steps=2", "train.checkpoint_every=1",
+                       "train.eval_users=0"), log=quiet)
+    with pytest.raises(UserError, match="made with other settings"):
+        stage.run(settings(planted, tmp_path / "r", "train.max_steps=2", "train.lr=1e-2", "train.eval_users=0"),
+                  log=quiet)
+
+
+def test_two_processes_match_one_process(planted, tmp_path):
+    """DDP over two CPU processes (gloo) with the same global batch gives the same weights as one process."""
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pipeline import config as cfg\n"
+        "from stages import embed_items as stage\n"
+        "stage.run(cfg.load(stage.EmbedItemsConfig, sys.argv[1]), log=lambda _: None)\n")
+    outs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        conf = settings(planted, out, "train.max_steps=4", "train.batch_size=8", "train.eval_users=0")
+        cfg.save(conf, tmp_path / f"p{procs}.yaml")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={procs}", str(script), str(tmp_path / f"p{procs}.yaml")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[procs] = out
+    for sub in ("item_llm/backbone/model.safetensors", "item_llm/item_head.safetensors",
+                "user_llm_stage1/model.safetensors"):
+        a, b = load_file(outs[1] / sub), load_file(outs[2] / sub)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    before = load_file(planted["llama"] / "model.safetensors")
+    after = load_file(outs[2] / "item_llm/backbone/model.safetensors")
+    assert any(not torch.allclose(before[k], after[k]) for k in before if k in after), "nothing was trained"
+
+
+# ---- the embedding job and the store -------------------------------------------------------------------------
+
+
+def shard_digests(root: Path) -> dict[str, str]:
+    manifest = json.loads((root / "manifest.json").read_text())
+    return {s["file"]: s["sha256"] for s in manifest["shards"]}
+
+
+def test_embeddings_cover_the_catalogue_once_without_nan(planted, tmp_path):
+    root = stage.run(settings(planted, tmp_path / "e", "train.finetune=false"), log=quiet)
+    table = store.load_embeddings(root)
+    assert table.manifest["rows"] == 40 and table.embeddings.shape == (41, 64)
+    assert len(table.manifest["shards"]) == 6  # 40 items in shards of 7
+    ids = np.concatenate([load_file(root / s["file"])["item_idx"].numpy() for s in table.manifest["shards"]])
+    assert sorted(ids.tolist()) == list(range(1, 41))
+    assert torch.isfinite(table.embeddings).all() and table.embeddings[0].abs().sum() == 0
+    assert (tmp_path / "e" / "embeddings" / "CURRENT").read_text().strip() == root.name
+    indexed = pl.read_parquet(root / "items.parquet")
+    expected = pl.read_parquet(planted["data"] / "items.parquet").select("item_idx", "text_sha256")
+    assert indexed.sort("item_idx").equals(expected.sort("item_idx"))
+
+
+def test_corrupt_shard_is_refused(planted, tmp_path):
+    root = stage.run(settings(planted, tmp_path / "c", "train.finetune=false"), log=quiet)
+    shard = root / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="shard-00002.safetensors: checksum does not match"):
+        store.load_embeddings(root)
+
+
+def test_embedding_job_resumes_with_identical_shards(planted, tmp_path, monkeypatch):
+    straight = stage.run(settings(planted, tmp_path / "a", "train.finetune=false"), log=quiet)
+    real_write = store.ShardWriter.write
+
+    def die_after_three(self, index, *args):
+        if index == 3:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, index, *args)
+
+    monkeypatch.setattr(store.ShardWriter, "write", die_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(settings(planted, tmp_path / "b", "train.finetune=false"), log=quiet)
+    partial = next((tmp_path / "b" / "embeddings").iterdir())
+    assert not (partial / "manifest.json").exists()  # not visible before it is complete
+    assert sorted(p.name for p in partial.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    monkeypatch.setattr(store.ShardWriter, "write", real_write)
+    written = []
+    monkeypatch.setattr(store.ShardWriter, "write", lambda self, index, *a: (written.append(index),
+                                                                             real_write(self, index, *a)))
+    resumed = stage.run(settings(planted, tmp_path / "b", "train.finetune=false"), log=quiet)
+    assert written == [3, 4, 5]  # only the missing shards were computed
+    assert resumed.name == straight.name
+    assert shard_digests(resumed) == shard_digests(straight)
+
+
+def test_parquet_shards_hold_the_same_embeddings(planted, tmp_path):
+    a = store.load_embeddings(stage.run(settings(planted, tmp_path / "s", "train.finetune=false"), log=quiet))
+    b = store.load_embeddings(stage.run(settings(planted, tmp_path / "p", "train.finetune=false",
+                                                 "embed.format=parquet"), log=quiet))
+    torch.testing.assert_close(a.embeddings, b.embeddings)
+    c = store.load_embeddings(stage.run(settings(planted, tmp_path / "h", "train.finetune=false",
+                                                 "embed.dtype=float16"), log=quiet))
+    assert c.embeddings.dtype == torch.float16
+    torch.testing.assert_close(c.embeddings.float(), a.embeddings, atol=1e-2, rtol=1e-2)
