@@ -40,8 +40,9 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory train-user DATASET=ml-100k
 	$(MAKE) --no-print-directory eval DATASET=ml-100k
 
+# Stage one: fine-tune the Item LLM, then embed the catalogue. make embed-items CONFIG=stages/configs/<x>.yaml
 embed-items: $(STAMP)
-	@echo "embed-items: stage one (Item LLM fine-tuning and embedding shards) is not built yet (issue #3)." >&2; exit 3
+	$(CLI) embed-items --config $(or $(CONFIG),stages/configs/embed-$(DATASET)-cpu.yaml)
 
 train-user: $(STAMP)
 	@echo "train-user: stage two (User LLM on cached embeddings) is not built yet (issue #4)." >&2; exit 3
@@ -52,8 +53,11 @@ eval: $(STAMP)
 refresh: $(STAMP)
 	@echo "refresh: batch refresh jobs are not built yet." >&2; exit 3
 
+# Benchmarks write JSON under bench/results/ (the embedding benchmark needs ML-1M: make data DATASET=ml-1m)
 bench: $(STAMP)
-	@echo "bench: no benchmarks are built yet (they come with stages one, two and eval)." >&2; exit 3
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(MAKE) --no-print-directory data DATASET=ml-1m
+	$(CLI) bench embed --data artifacts/ml-1m/data --out bench/results/embed-cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -98,6 +98,28 @@ def embed_items(
     stage.run(conf, log=_log)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("embed")
+def bench_embed(
+    data: Annotated[Path, typer.Option(help="Canonical tables whose item texts are embedded.")] = Path(
+        "artifacts/ml-1m/data"),
+    model: Annotated[str, typer.Option(help="Item LLM (a sentence-transformers model, to compare).")] = "minilm-l6",
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench/results/embed-cpu.json"),
+    max_items: Annotated[int | None, typer.Option(help="Embed only the first N items.")] = None,
+    token_budget: Annotated[int, typer.Option(help="Tokens per batch of the fast path.")] = 4096,
+    repeats: Annotated[int, typer.Option(help="Timed runs per path (the best counts).")] = 2,
+) -> None:
+    """Items/s and tokens/s of the embedding job against a padded loop and sentence-transformers."""
+    from pipeline.bench import bench_embed as run_bench
+
+    if not (data / "items.parquet").is_file():
+        raise UserError(f"{data}: no items.parquet; run `make data DATASET=ml-1m` first")
+    run_bench(data, model, out, max_items=max_items, token_budget=token_budget, repeats=repeats, log=_log)
+
+
 def main() -> None:
     try:
         app()

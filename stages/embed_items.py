@@ -318,7 +318,7 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
                 loss_sum, surviving, top1, n, items_all, tokens_all = totals.tolist()
                 line = {"step": state["step"], "epoch": epoch, "loss": loss_sum / max(n, 1),
                         "surviving_negatives": surviving / max(n, 1), "top1_accuracy": top1 / max(n, 1),
-                        "lr": scheduler.get_last_lr()[0], "logit_scale": float(unwrapped.logit_scale.exp()),
+                        "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
                         "items_per_s": items_all / seconds, "tokens_per_s": tokens_all / seconds}
                 if t.peak_tflops:
                     line["mfu"] = 6 * n_params * line["tokens_per_s"] / (t.peak_tflops * 1e12)

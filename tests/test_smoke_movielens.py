@@ -6,10 +6,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from conftest import REPO, run_cli
 
 from pipeline.data.fetch import fetch
 from pipeline.data.sequences import UserSequences, eval_examples
+from pipeline.embeddings.store import load_embeddings
 
 pytestmark = pytest.mark.smoke
 
@@ -87,3 +89,19 @@ def test_targets_follow_the_stable_tie_break(prepared, name):
         # the tie-break matters here: many users' last two interactions share a second
         ties = sum(1 for v in by_user.values() if sorted(v)[-1][0] == sorted(v)[-2][0])
         assert ties > 100
+
+
+def test_real_minilm_embeds_every_ml100k_item_once(prepared, tmp_path):
+    """The pretrained all-MiniLM-L6-v2 (from its PyPI package) over the real ML-100K catalogue."""
+    _, data, _ = prepared["ml-100k"]
+    out = tmp_path / "run"
+    done = run_cli("embed-items", "--config", str(REPO / "stages/configs/embed-ml-100k-cpu.yaml"), f"data={data}",
+                   f"out={out}", "train.finetune=false", "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    version = (out / "embeddings" / "CURRENT").read_text().strip()
+    table = load_embeddings(out / "embeddings" / version)
+    assert table.manifest["rows"] == 1682 and table.embeddings.shape == (1683, 384)
+    assert torch.isfinite(table.embeddings).all()
+    assert table.embeddings[1:].norm(dim=1).min() > 0
+    ids = pl.read_parquet(out / "embeddings" / version / "items.parquet")["item_idx"].to_list()
+    assert sorted(ids) == list(range(1, 1683))
