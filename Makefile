@@ -40,8 +40,15 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory train-user DATASET=ml-100k
 	$(MAKE) --no-print-directory eval DATASET=ml-100k
 
-# Stage one: fine-tune the Item LLM, then embed the catalogue. make embed-items CONFIG=stages/configs/<x>.yaml
-embed-items: $(STAMP)
+# The canonical tables of $(DATASET), prepared once.
+DATA_READY := artifacts/$(DATASET)/data/stats.json
+$(DATA_READY): | $(STAMP)
+	$(MAKE) --no-print-directory data DATASET=$(DATASET)
+
+# Stage one: fine-tune the Item LLM, then embed the catalogue (prepares the data first if needed).
+#   make embed-items                                    (ML-100K on CPU)
+#   make embed-items DATASET=ml-1m CONFIG=stages/configs/embed-ml-1m-smollm2-gpu.yaml
+embed-items: $(STAMP) $(DATA_READY)
 	$(CLI) embed-items --config $(or $(CONFIG),stages/configs/embed-$(DATASET)-cpu.yaml)
 
 train-user: $(STAMP)

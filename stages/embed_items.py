@@ -32,7 +32,7 @@ from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import sha256_file, write_text_atomic
+from pipeline.io import atomic_path, sha256_file, write_text_atomic
 from pipeline.models import build
 from pipeline.models.hllm import HLLM
 from pipeline.models.tokens import TokenizedCatalogue
@@ -118,8 +118,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.early_stopping_metric.split("@")[0] not in ("ndcg", "recall"):
-            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K")
+        name, _, k = self.early_stopping_metric.partition("@")
+        if name not in ("ndcg", "recall") or k not in ("10", "50", "200"):
+            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
+                              "with K one of 10, 50, 200")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.shard_rows < 1 or self.token_budget < 1:
             raise ConfigError("embed.shard_rows and embed.token_budget must be >= 1")
+        if self.format == "parquet" and self.dtype == "bfloat16":
+            raise ConfigError("embed.dtype=bfloat16: Parquet has no bfloat16; use float16 or float32, or "
+                              "embed.format=safetensors")
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,8 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
     main = accelerator.is_main_process
     say = log if main else (lambda _: None)
 
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {world} processes")
     windows = training_windows(seqs, t.max_len, t.chunking)
     if len(windows) == 0:
         raise UserError(f"{config.data}: no training sequence has two items; nothing to train on")
@@ -224,9 +231,12 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, int(t.warmup_ratio *
                                                                                         total_steps)))
-    fingerprint = _fingerprint({"model": cfg.to_dict(config.model), "train": cfg.to_dict(config.train),
-                                "seed": config.seed, "data": sha256_file(config.data / "interactions.parquet"),
-                                "world": world})
+    # what decides the trajectory (not how often it is logged or saved)
+    trajectory = {k: v for k, v in cfg.to_dict(config.train).items()
+                  if k not in ("log_every", "checkpoint_every", "peak_tflops")}
+    fingerprint = _fingerprint({"model": cfg.to_dict(config.model), "train": trajectory, "seed": config.seed,
+                                "interactions": sha256_file(config.data / "interactions.parquet"),
+                                "items": sha256_file(config.data / "items.parquet"), "world": world})
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "history": [], "done": False}
     state_path = run_dir / "state.pt"
     if config.resume and state_path.is_file():
@@ -248,13 +258,12 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
             return torch.cat(dist_fn.all_gather(t_), dim=0)
 
     def save_state() -> None:
+        """All resumable state in one dict (single process and DDP; sharded FSDP/ZeRO state is not covered)."""
         if main:
             payload = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "state": state, "fingerprint": fingerprint}
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save(payload, tmp)
-            tmp.replace(state_path)
+            with atomic_path(state_path) as tmp:
+                torch.save(payload, tmp)
         accelerator.wait_for_everyone()
 
     def save_best() -> None:
@@ -269,21 +278,24 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(config, run_dir / "config.yaml")
     n_params = sum(p.numel() for p in unwrapped.parameters())
+    # FLOPs per step ~ 6 x (weights a token passes through) x tokens, embedding tables excluded
+    item_flop_params = sum(p.numel() for n, p in unwrapped.item_llm.named_parameters() if "embed" not in n)
+    user_flop_params = sum(p.numel() for n, p in unwrapped.user_llm.named_parameters() if "embed" not in n)
     say(f"stage one: {len(windows):,} training sequences, {len(batches)} batches of {t.batch_size} per epoch, "
         f"{total_steps} steps, {negatives} shared negatives, {n_params / 1e6:.1f}M parameters, {world} process(es)")
 
     model.train()
-    window_start, items_seen, tokens_seen = time.perf_counter(), 0, 0
+    window_start, items_seen, tokens_seen, positions_seen = time.perf_counter(), 0, 0, 0
     sums = {"loss": 0.0, "surviving": 0.0, "top1": 0.0, "n": 0}
     while not state["done"] and state["epoch"] < t.epochs:
         epoch = state["epoch"]
         while state["batch"] < len(batches) and state["step"] < total_steps:
             step = state["step"]
-            for micro in range(t.grad_accum):
+            n_micro = min(t.grad_accum, len(batches) - state["batch"])  # the epoch's last step may be short
+            for micro in range(n_micro):
                 index = state["batch"] + micro
-                if index >= len(batches):
-                    break
-                torch.manual_seed(config.seed * 1_000_003 + step * 101 + micro * 7 + rank)  # dropout
+                # dropout: a distinct stream per (step, micro-step, process), the same after a resume
+                torch.manual_seed(int(np.random.SeedSequence([config.seed, step, micro, rank]).generate_state(1)[0]))
                 seq_ids = batches.item_ids(epoch, index)
                 negs = sample_negatives(catalogue.num_items, negatives, config.seed, step, micro)
                 batch = make_batch(seq_ids, negs, rank, world, catalogue, unwrapped.item_llm.n_item_tokens,
@@ -291,12 +303,12 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
                 valid_local = torch.tensor(float(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()),
                                            device=accelerator.device)
                 valid_global = accelerator.reduce(valid_local, reduction="sum") if world > 1 else valid_local
-                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 or world == 1 \
+                sync = contextlib.nullcontext() if micro == n_micro - 1 or world == 1 \
                     else accelerator.no_sync(model)
                 with sync:
                     out = model(to_device(batch, accelerator.device), gather)
                     # mean over every valid position of the global batch (DDP averages gradients over processes)
-                    loss = out.loss_per_position.sum() * world / valid_global.clamp(min=1) / t.grad_accum
+                    loss = out.loss_per_position.sum() * world / valid_global.clamp(min=1) / n_micro
                     accelerator.backward(loss)
                 sums["loss"] += float(out.loss_per_position.detach().sum())
                 sums["surviving"] += float(out.surviving_negatives.float().sum())
@@ -304,31 +316,33 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
                 sums["n"] += int(out.loss_per_position.numel())
                 items_seen += batch["n_unique"]
                 tokens_seen += batch["n_tokens"]
+                positions_seen += int(valid_local.item())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state["batch"] = min(state["batch"] + t.grad_accum, len(batches))
+            state["batch"] += n_micro
             state["step"] += 1
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                 seconds = time.perf_counter() - window_start
                 totals = torch.tensor([sums["loss"], sums["surviving"], sums["top1"], sums["n"], items_seen,
-                                       tokens_seen], dtype=torch.float64, device=accelerator.device)
+                                       tokens_seen, positions_seen], dtype=torch.float64, device=accelerator.device)
                 if world > 1:  # the log line describes the global batch, not this process's share
                     totals = accelerator.reduce(totals, reduction="sum")
-                loss_sum, surviving, top1, n, items_all, tokens_all = totals.tolist()
+                loss_sum, surviving, top1, n, items_all, tokens_all, positions_all = totals.tolist()
                 line = {"step": state["step"], "epoch": epoch, "loss": loss_sum / max(n, 1),
                         "surviving_negatives": surviving / max(n, 1), "top1_accuracy": top1 / max(n, 1),
                         "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
                         "items_per_s": items_all / seconds, "tokens_per_s": tokens_all / seconds}
                 if t.peak_tflops:
-                    line["mfu"] = 6 * n_params * line["tokens_per_s"] / (t.peak_tflops * 1e12)
+                    flops = 6 * (item_flop_params * tokens_all + user_flop_params * positions_all) / seconds
+                    line["mfu"] = flops / (t.peak_tflops * 1e12 * world)
                 if main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(line) + "\n")
                 say(f"step {line['step']}/{total_steps} epoch {epoch} loss {line['loss']:.4f} "
                     f"negatives kept {line['surviving_negatives']:.1f} lr {line['lr']:.2e} "
                     f"{line['items_per_s']:.0f} items/s {line['tokens_per_s']:.0f} tokens/s")
-                window_start, items_seen, tokens_seen = time.perf_counter(), 0, 0
+                window_start, items_seen, tokens_seen, positions_seen = time.perf_counter(), 0, 0, 0
                 sums = {"loss": 0.0, "surviving": 0.0, "top1": 0.0, "n": 0}
             if state["step"] % t.checkpoint_every == 0:
                 save_state()
@@ -367,6 +381,9 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
     best = build.load_item_llm(run_dir / "best" / "item_llm", config.model.attn_implementation)[0]
     unwrapped.item_llm.load_state_dict(best.state_dict())
     unwrapped.user_llm.load_state_dict(build.load_user_llm(run_dir / "best" / "user_llm").state_dict())
+    best_scale = json.loads((run_dir / "best" / "user_llm" / "user_llm.json").read_text())["logit_scale"]
+    with torch.no_grad():
+        unwrapped.logit_scale.fill_(best_scale)
     say(f"best epoch {state['best']['epoch']} (step {state['best']['step']})")
     return unwrapped
 
@@ -393,7 +410,8 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
     model_fp = _model_fingerprint(config.out / "item_llm")
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
     fingerprint = {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "max_text_tokens": m.max_text_tokens,
-                   "pooling": m.pooling, "positions": m.positions, "shard_rows": e.shard_rows}
+                   "pooling": m.pooling, "positions": m.positions, "shard_rows": e.shard_rows, "format": e.format,
+                   "dtype": e.dtype}
     version = e.version or f"v-{_fingerprint(fingerprint)[:12]}"
     root = config.out / "embeddings" / version
     if (root / "manifest.json").is_file():
@@ -443,7 +461,7 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
     m = config.model
     user_llm = build.build_user_llm(m.user_model, m.user_init, m.attn_implementation, m.user_layers, log=log)
     item_llm, tokenizer = build.build_item_llm(m.item_model, m.item_init, m.pooling, user_llm.dim,
-                                               m.attn_implementation, log=log)
+                                               m.attn_implementation, m.max_text_tokens, log=log)
     model = HLLM(item_llm, user_llm)
     log(f"tokenizing {items.height:,} item texts (first {m.max_text_tokens} tokens)")
     catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), m.max_text_tokens)

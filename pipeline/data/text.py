@@ -50,5 +50,8 @@ def encode_item_text(tokenizer, texts: Sequence[str], max_text_tokens: int = 256
     """Token ids per item: special tokens included, first `max_text_tokens` kept, then the [ITEM] slots."""
     if max_text_tokens < 1:
         raise ValueError("max_text_tokens must be >= 1")
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    # The official code encodes the whole text and keeps the first tokens; slicing does the same (tokenizer
+    # truncation would keep the closing special token instead). Very long texts are cut first, in characters.
+    encoded = tokenizer([t[:max_text_tokens * 64] for t in texts], add_special_tokens=True,
+                        truncation=False, verbose=False)["input_ids"]
     return [ids[:max_text_tokens] + [placeholder_id] * n_item_tokens for ids in encoded]

@@ -41,11 +41,12 @@ def embed_items(item_llm: ItemLLM, catalogue: TokenizedCatalogue, items: np.ndar
 
 @torch.inference_mode()
 def embed_items_reference(item_llm: ItemLLM, catalogue: TokenizedCatalogue, items: np.ndarray,
-                          batch_size: int = 32, alignment: str = "right") -> torch.Tensor:
-    """The plain loop: items in the given order, fixed batch size, every batch padded to the longest text."""
+                          batch_size: int = 32, alignment: str = "right", pad_to_max: bool = False) -> torch.Tensor:
+    """The plain loop: items in the given order, a fixed batch size, each batch padded to its longest text
+    (or, with pad_to_max, to max_text_tokens: what a fixed-shape loop does)."""
     device = next(item_llm.parameters()).device
     n_slots = item_llm.n_item_tokens
-    width = catalogue.max_text_tokens + n_slots
+    width = catalogue.max_text_tokens + n_slots if pad_to_max else None
     out = []
     for start in range(0, len(items), batch_size):
         chunk = catalogue.chunk(items[start:start + batch_size], n_slots, alignment, width=width)

@@ -132,6 +132,7 @@ def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
     rows = int(manifest["rows"])
     max_idx = int(manifest.get("max_item_idx", rows))
     table = torch.zeros(max_idx + 1, int(manifest["dim"]), dtype=DTYPES[manifest["dtype"]])
+    filled = torch.zeros(max_idx + 1, dtype=torch.bool)
     seen = 0
     for shard in manifest["shards"]:
         path = root / shard["file"]
@@ -140,8 +141,15 @@ def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
         if verify and sha256_file(path) != shard["sha256"]:
             raise UserError(f"{path}: checksum does not match the manifest; the shard is corrupt, re-run the job")
         idx, emb = _read_shard(path, manifest["format"])
-        table[torch.from_numpy(idx.astype(np.int64))] = emb.to(table.dtype)
+        index = torch.from_numpy(idx.astype(np.int64))
+        if len(idx) and (index.min() < 1 or index.max() > max_idx or filled[index].any()
+                         or len(torch.unique(index)) != len(index)):
+            raise UserError(f"{path}: item_idx out of range or already in another shard")
+        table[index] = emb.to(table.dtype)
+        filled[index] = True
         seen += len(idx)
     if seen != rows:
         raise UserError(f"{root}: manifest says {rows} rows, shards hold {seen}")
+    if verify and sha256_file(root / "items.parquet") != manifest["items_sha256"]:
+        raise UserError(f"{root / 'items.parquet'}: checksum does not match the manifest")
     return EmbeddingTable(table, manifest, root)

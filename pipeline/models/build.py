@@ -77,12 +77,24 @@ def build_user_llm(name: str, init: str, attn_implementation: str = "sdpa", num_
     return UserLLM(backbone)
 
 
-def build_item_llm(name: str, init: str, pooling: str, out_dim: int, attn_implementation: str = "sdpa",
-                   log=print) -> tuple[ItemLLM, object]:
-    backbone, location = load_backbone(name, init, attn_implementation, log=log)
-    tokenizer = load_tokenizer(location, name)
+def _drop_unused_heads(backbone: nn.Module) -> None:
+    """Encoders such as BERT carry a pooler the item embedding never uses (DDP insists every weight is used)."""
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None
     if hasattr(backbone.config, "use_cache"):
         backbone.config.use_cache = False
+
+
+def build_item_llm(name: str, init: str, pooling: str, out_dim: int | None, attn_implementation: str = "sdpa",
+                   max_text_tokens: int | None = None, log=print) -> tuple[ItemLLM, object]:
+    backbone, location = load_backbone(name, init, attn_implementation, log=log)
+    tokenizer = load_tokenizer(location, name)
+    _drop_unused_heads(backbone)
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    slots = 1 if pooling == "item_token" else 0
+    if max_text_tokens is not None and limit is not None and max_text_tokens + slots > limit:
+        raise UserError(f"model.max_text_tokens={max_text_tokens}: {name} has {limit} positions, so at most "
+                        f"{limit - slots} text tokens fit (with the [ITEM] slot); lower model.max_text_tokens")
     return ItemLLM(backbone, pooling=pooling, out_dim=out_dim), tokenizer
 
 
@@ -112,8 +124,7 @@ def load_item_llm(path: Path, attn_implementation: str = "sdpa") -> tuple[ItemLL
     meta = json.loads(meta_path.read_text())
     backbone = AutoModel.from_pretrained(path / "backbone", attn_implementation=attn_implementation,
                                          dtype=torch.float32)
-    if hasattr(backbone.config, "use_cache"):
-        backbone.config.use_cache = False
+    _drop_unused_heads(backbone)
     item_llm = ItemLLM(backbone, pooling=meta["pooling"], out_dim=meta["dim"])
     head = load_file(str(path / "item_head.safetensors"))
     with torch.no_grad():
