@@ -115,3 +115,84 @@ def bench_embed(data: Path, model: str, out: Path, max_items: int | None = None,
     log(json.dumps(result["results"], indent=1))
     log(f"speedup: {result['speedup']}; min cosine: {result['min_cosine']}; written to {out}")
     return result
+
+
+# Real shapes (randomly initialised: only speed is measured). FLOPs use the non-embedding parameters.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
+
+
+def bench_embed_mfu(shape: str, out: Path, text_tokens: int = 256, batch_tokens: int = 65536, iterations: int = 10,
+                    peak_tflops: float | None = None, attn_implementation: str = "sdpa", log=print) -> dict:
+    """Tokens/s and MFU of the Item LLM forward (the embedding job's work) for a model of a real shape."""
+    from transformers import AutoConfig, AutoModel
+
+    from pipeline.models.hllm import ItemLLM
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
+    if iterations < 1 or text_tokens < 1 or batch_tokens < text_tokens + 1:
+        raise UserError("bench embed-mfu: --iterations >= 1 and --batch-tokens > --text-tokens are required")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = AutoConfig.for_model("llama", max_position_embeddings=max(2048, text_tokens + 1), bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=0, **SHAPES[shape])
+    torch.manual_seed(0)
+    backbone = AutoModel.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    backbone.config.use_cache = False
+    item_llm = ItemLLM(backbone).to(device=device, dtype=dtype).eval()
+    width = text_tokens + 1
+    rows = max(1, batch_tokens // width)
+    ids = torch.randint(1, config.vocab_size, (rows, width), device=device)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(width, device=device).expand(rows, -1)
+    non_embedding = sum(p.numel() for n, p in item_llm.named_parameters() if "embed" not in n)
+    # forward FLOPs per item: 2 x weights x tokens + attention (QK^T and AV: 4 x layers x T^2 x hidden)
+    flops_per_batch = rows * (2 * non_embedding * width + 4 * config.num_hidden_layers * width * width
+                              * config.hidden_size)
+
+    def run_once():
+        with torch.inference_mode():
+            item_llm(input_ids=ids, attention_mask=mask, position_ids=positions)
+        if cuda:
+            torch.cuda.synchronize()
+
+    run_once()  # warm-up
+    start = time.perf_counter()
+    for _ in range(iterations):
+        run_once()
+    seconds = (time.perf_counter() - start) / iterations
+    info = machine()
+    if peak_tflops is None and cuda:
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info.get("gpu", "")), None)
+    result = {
+        "benchmark": "embed-mfu",
+        "machine": info,
+        "shape": shape,
+        "config": SHAPES[shape],
+        "non_embedding_params": non_embedding,
+        "dtype": str(dtype).replace("torch.", ""),
+        "attn_implementation": attn_implementation,
+        "text_tokens": text_tokens,
+        "items_per_batch": rows,
+        "seconds_per_batch": round(seconds, 4),
+        "items_per_s": round(rows / seconds, 1),
+        "tokens_per_s": round(rows * width / seconds, 1),
+        "tflops_per_s": round(flops_per_batch / seconds / 1e12, 3),
+        "peak_tflops": peak_tflops,
+        "mfu": round(flops_per_batch / seconds / (peak_tflops * 1e12), 4) if peak_tflops else None,
+        "weights": "random (speed only)",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    log(f"{shape} ({result['dtype']}, {attn_implementation}): {result['items_per_s']} items/s, "
+        f"{result['tokens_per_s']} tokens/s, {result['tflops_per_s']} TFLOP/s, MFU {result['mfu']}; written to {out}")
+    return result

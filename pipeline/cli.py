@@ -120,6 +120,23 @@ def bench_embed(
     run_bench(data, model, out, max_items=max_items, token_budget=token_budget, repeats=repeats, log=_log)
 
 
+@bench_app.command("embed-mfu")
+def bench_embed_mfu(
+    shape: Annotated[str, typer.Option(help="smollm2-135m, tinyllama-1.1b (random weights of the real shape), tiny.")
+                     ] = "smollm2-135m",
+    out: Annotated[Path | None, typer.Option(help="JSON file [default: bench/results/embed-mfu-SHAPE.json].")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Tokens per item text (plus the [ITEM] slot).")] = 256,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per forward batch.")] = 65536,
+    iterations: Annotated[int, typer.Option(help="Timed forward batches.")] = 10,
+    peak_tflops: Annotated[float | None, typer.Option(help="Peak for the MFU [default: known GPUs' bf16].")] = None,
+) -> None:
+    """Tokens/s and MFU of the Item LLM forward at a real model size (bf16 on GPU)."""
+    from pipeline.bench import bench_embed_mfu as run_bench
+
+    run_bench(shape, out or Path(f"bench/results/embed-mfu-{shape}.json"), text_tokens, batch_tokens, iterations,
+              peak_tflops, log=_log)
+
+
 def main() -> None:
     try:
         app()

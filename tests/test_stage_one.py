@@ -385,3 +385,14 @@ def test_parquet_shards_hold_the_same_embeddings(planted, tmp_path):
                                                  "embed.dtype=float16"), log=quiet))
     assert c.embeddings.dtype == torch.float16
     torch.testing.assert_close(c.embeddings.float(), a.embeddings, atol=1e-2, rtol=1e-2)
+
+
+def test_embed_mfu_benchmark_runs_and_writes_json(tmp_path):
+    done = run_cli("bench", "embed-mfu", "--shape", "tiny", "--out", str(tmp_path / "b.json"), "--text-tokens", "16",
+                   "--batch-tokens", "170", "--iterations", "2", "--peak-tflops", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["items_per_batch"] == 10 and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["machine"]["cores"] >= 1
+    done = run_cli("bench", "embed-mfu", "--shape", "huge")
+    assert done.returncode == 2 and "unknown shape 'huge'" in done.stderr
