@@ -64,10 +64,6 @@ class RawTables:
     """Every file read, for fingerprints."""
 
 
-def empty_rejected() -> pl.LazyFrame:
-    return pl.LazyFrame(schema=REJECTED_SCHEMA)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Low-level helpers
 
