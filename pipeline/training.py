@@ -22,11 +22,8 @@ class SequenceBatches:
     """Each epoch: a seeded permutation of the training windows cut into global batches of `batch_size`;
     process `rank` of `world` takes its contiguous share. The last batch wraps around to stay full."""
 
-    def __init__(self, windows: TrainingWindows, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world}")
+    def __init__(self, windows: TrainingWindows, batch_size: int, seed: int) -> None:
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.rank, self.world = rank, world
         self.width = int((windows.stops - windows.starts).max()) if len(windows) else 2
 
     def __len__(self) -> int:
@@ -37,10 +34,12 @@ class SequenceBatches:
         picks = np.arange(index * self.batch_size, (index + 1) * self.batch_size) % len(order)
         return order[picks]
 
-    def item_ids(self, epoch: int, index: int) -> np.ndarray:
-        """(batch_size / world, width) item_idx of this process's sequences, left-padded with 0."""
-        share = self.batch_size // self.world
-        picks = self.global_indices(epoch, index)[self.rank * share:(self.rank + 1) * share]
+    def item_ids(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """(batch_size / world, width) item_idx of process `rank`'s sequences, left-padded with 0."""
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of processes {world}")
+        share = self.batch_size // world
+        picks = self.global_indices(epoch, index)[rank * share:(rank + 1) * share]
         out = np.zeros((len(picks), self.width), dtype=np.int64)
         for row, w in enumerate(picks):
             seq = self.windows.source.items[self.windows.starts[w]:self.windows.stops[w]]

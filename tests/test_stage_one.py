@@ -20,6 +20,7 @@ from pipeline import config as cfg
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import embed_items, embed_items_reference
 from pipeline.errors import UserError
+from pipeline.loop import lr_lambda
 from pipeline.models import build
 from pipeline.models.hllm import HLLM, ItemLLM, nce_loss
 from pipeline.models.tokens import TokenizedCatalogue
@@ -303,7 +304,7 @@ def test_early_stopping_keeps_the_best_epoch(planted, tmp_path, monkeypatch):
 
 
 def test_learning_rate_warms_up_then_decays():
-    f = stage._lr_lambda(total=10, warmup=2)
+    f = lr_lambda(total=10, warmup=2)
     values = [f(step) for step in range(10)]
     assert values[:2] == [0.5, 1.0] and values[2] == 1.0
     assert all(a > b for a, b in zip(values[2:], values[3:], strict=False)) and values[-1] < 0.1
