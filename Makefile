@@ -51,8 +51,9 @@ $(DATA_READY): | $(STAMP)
 embed-items: $(STAMP) $(DATA_READY)
 	$(CLI) embed-items --config $(or $(CONFIG),stages/configs/embed-$(DATASET)-cpu.yaml)
 
+# Stage two: the User LLM on stage one's cached embeddings. make train-user CONFIG=stages/configs/<x>.yaml
 train-user: $(STAMP)
-	@echo "train-user: stage two (User LLM on cached embeddings) is not built yet (issue #4)." >&2; exit 3
+	$(CLI) train-user --config $(or $(CONFIG),stages/configs/user-$(DATASET)-cpu.yaml)
 
 eval: $(STAMP)
 	@echo "eval: evaluation with FAISS is not built yet (issue #5)." >&2; exit 3

@@ -98,6 +98,23 @@ def embed_items(
     stage.run(conf, log=_log)
 
 
+@app.command("train-user")
+def train_user(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. train.epochs=5.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
+    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
+) -> None:
+    """Stage two: train only the User LLM on the cached item embeddings, with long sequences."""
+    from stages import train_user as stage
+
+    if show_settings:
+        for cls, prefix in ((stage.TrainUserConfig, ""), (stage.UserModelConfig, "model."),
+                            (stage.UserTrainConfig, "train.")):
+            typer.echo("\n".join(prefix + line for line in cfg.describe(cls).splitlines()))
+        return
+    stage.run(cfg.load(stage.TrainUserConfig, config, overrides or []), log=_log)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
 app.add_typer(bench_app, name="bench")
 

@@ -36,13 +36,20 @@ class SequenceBatches:
 
     def item_ids(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
         """(batch_size / world, width) item_idx of process `rank`'s sequences, left-padded with 0."""
+        return self._rows(self.windows.source.items, epoch, index, rank, world)
+
+    def timestamps(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The same sequences' timestamps (0 on padding)."""
+        return self._rows(self.windows.source.timestamps, epoch, index, rank, world)
+
+    def _rows(self, values: np.ndarray, epoch: int, index: int, rank: int, world: int) -> np.ndarray:
         if self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of processes {world}")
         share = self.batch_size // world
         picks = self.global_indices(epoch, index)[rank * share:(rank + 1) * share]
         out = np.zeros((len(picks), self.width), dtype=np.int64)
         for row, w in enumerate(picks):
-            seq = self.windows.source.items[self.windows.starts[w]:self.windows.stops[w]]
+            seq = values[self.windows.starts[w]:self.windows.stops[w]]
             out[row, self.width - len(seq):] = seq
         return out
 

@@ -1,0 +1,147 @@
+"""Stage two: the User LLM on cached item embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import PLANTED_ITEMS, make_planted_data
+from safetensors.torch import load_file
+
+from pipeline import config as cfg
+from pipeline.embeddings.store import ShardWriter
+from pipeline.errors import UserError
+from pipeline.models import build
+from pipeline.models.cached import CachedUserModel, time_features
+from stages import train_user as stage
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> dict:
+    """Planted data (users walk items 1 -> 2 -> ...) and a cached embedding version of random, distinct vectors."""
+    root = tmp_path_factory.mktemp("cached")
+    data = make_planted_data(root)
+    items = pl.read_parquet(data / "items.parquet")
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(PLANTED_ITEMS, 64, generator=generator)
+    writer = ShardWriter(root / "run" / "embeddings" / "v-test", "safetensors", "float32", {"model_fingerprint": "t"})
+    writer.write(0, np.arange(1, PLANTED_ITEMS + 1), vectors)
+    writer.finish(items, 64, {"max_item_idx": PLANTED_ITEMS})
+    (root / "run" / "embeddings" / "CURRENT").write_text("v-test\n")
+    return {"data": data, "run": root / "run"}
+
+
+def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
+    import shutil
+
+    if not run.exists():
+        shutil.copytree(cached["run"], run)
+    base = [f"data={cached['data']}", f"run={run}", "model.init=scratch", "model.name=llama-tiny",
+            "train.batch_size=16", "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3",
+            "train.eval_users=120", "train.log_every=5", "train.checkpoint_every=1000", "device=cpu"]
+    return cfg.load(stage.TrainUserConfig, None, base + list(extra))
+
+
+def quiet(_):
+    pass
+
+
+def test_planted_pattern_is_learned_from_cached_embeddings(cached, tmp_path):
+    conf = settings(cached, tmp_path / "run", "train.epochs=20", "train.patience=30")
+    untrained = stage.validate(_fresh(conf), stage.UserSequences.load(conf.data), conf)
+    stage.run(conf, log=quiet)
+    history = [json.loads(line) for line in open(tmp_path / "run" / "stage2" / "metrics.jsonl") if "valid" in line]
+    best = max(h["valid"]["recall@10"] for h in history)
+    assert best >= untrained["popularity"]["recall@10"] + 0.3, (best, untrained)
+    assert best >= untrained["recall@10"] + 0.3, (best, untrained)
+    assert (tmp_path / "run" / "user_llm" / "config.json").is_file()
+    assert (tmp_path / "run" / "user_llm" / "user_head.safetensors").is_file()
+
+
+def _fresh(conf: stage.TrainUserConfig) -> CachedUserModel:
+    from pipeline.embeddings.store import load_embeddings
+
+    torch.manual_seed(conf.seed)
+    return stage.build_model(conf, load_embeddings(stage.embeddings_root(conf)).embeddings, log=quiet)
+
+
+def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
+    extra = ("train.max_steps=12", "train.checkpoint_every=4", "train.eval_users=0", "train.log_every=1")
+    stage.run(settings(cached, tmp_path / "a", *extra), log=quiet)
+    calls = {"n": 0}
+    real = stage.sample_negatives
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "sample_negatives", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
+    monkeypatch.setattr(stage, "sample_negatives", real)
+    stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
+
+    def losses(run: Path) -> dict[int, float]:
+        lines = [json.loads(line) for line in open(run / "stage2" / "metrics.jsonl") if '"loss"' in line]
+        return {line["step"]: line["loss"] for line in lines}
+
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == list(range(1, 13)) and sorted(b) == list(range(1, 13))  # steps 5-7 logged twice in b
+    assert a == b
+    wa, wb = load_file(tmp_path / "a" / "user_llm" / "model.safetensors"), load_file(
+        tmp_path / "b" / "user_llm" / "model.safetensors")
+    for key in wa:
+        assert torch.equal(wa[key], wb[key])
+
+
+def test_time_and_id_inputs_change_the_output_and_train(cached, tmp_path):
+    conf = settings(cached, tmp_path / "t", "model.time_embedding=true", "model.item_id_embedding=true",
+                    "train.max_steps=6", "train.eval_users=0")
+    model = _fresh(conf).eval()
+    ids = torch.tensor([[0, 3, 4, 5]])
+    early = torch.from_numpy(time_features(np.array([[0, 1_000_000_000, 1_000_000_100, 1_000_000_200]])))
+    late = torch.from_numpy(time_features(np.array([[0, 1_500_000_000, 1_500_000_100, 1_500_000_200]])))
+    assert not torch.allclose(model.user_vectors(ids, early), model.user_vectors(ids, late))
+    other_ids = ids.clone()
+    with torch.no_grad():
+        model.item_ids.weight[5] += 1.0
+    assert not torch.allclose(_fresh(conf).eval().user_vectors(ids, early), model.user_vectors(other_ids, early))
+    before = {k: v.clone() for k, v in _fresh(conf).state_dict().items() if k.startswith(("time.", "item_ids."))}
+    stage.run(conf, log=quiet)
+    after = load_file(tmp_path / "t" / "user_llm" / "user_head.safetensors")
+    assert any(not torch.allclose(before[k], after[k]) for k in before if k.startswith("time."))
+    assert any(not torch.allclose(before[k], after[k]) for k in before if k.startswith("item_ids."))
+
+
+def test_time_features_by_hand():
+    fields = time_features(np.array([0, 978300760]))  # 2000-12-31 22:12:40 UTC
+    assert fields.tolist() == [[0, 0, 0, 0, 0, 0], [100, 12, 31, 22, 12, 40]]
+    assert time_features(np.array([978300760]), "day").tolist() == [[100, 12, 31, 0, 0, 0]]
+
+
+def test_stage_two_never_builds_the_item_llm(cached, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("stage two built an Item LLM")
+
+    monkeypatch.setattr(build, "build_item_llm", forbidden)
+    monkeypatch.setattr(build, "load_item_llm", forbidden)
+    monkeypatch.setattr("pipeline.models.hllm.ItemLLM.__init__", forbidden)
+    stage.run(settings(cached, tmp_path / "n", "train.max_steps=2", "train.eval_users=10"), log=quiet)
+
+
+def test_adapter_starts_as_identity_and_width_mismatch_is_refused(cached, tmp_path):
+    conf = settings(cached, tmp_path / "ad", "model.adapter=true")
+    model = _fresh(conf)
+    torch.testing.assert_close(model.item_table(), model.table)
+    bad = settings(cached, tmp_path / "w", "model.name=llama-small")
+    with pytest.raises(UserError, match="hidden size is 384 but the cached embeddings have 64"):
+        stage.run(bad, log=quiet)
+    missing = settings(cached, tmp_path / "s", "model.init=stage-one")
+    with pytest.raises(UserError, match="no stage-one User LLM"):
+        stage.run(missing, log=quiet)
