@@ -7,6 +7,7 @@ and texts, checking that all three give the same embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -125,6 +126,8 @@ SHAPES = {
                            num_key_value_heads=4, vocab_size=32000),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
+    "llama-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=6,
+                        num_key_value_heads=6, vocab_size=1),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
@@ -195,4 +198,108 @@ def bench_embed_mfu(shape: str, out: Path, text_tokens: int = 256, batch_tokens:
     write_json_atomic(out, result)
     log(f"{shape} ({result['dtype']}, {attn_implementation}): {result['items_per_s']} items/s, "
         f"{result['tokens_per_s']} tokens/s, {result['tflops_per_s']} TFLOP/s, MFU {result['mfu']}; written to {out}")
+    return result
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB (Linux /proc)."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+def _train_one(shape: str, length: int, attn: str, batch_positions: int, steps: int, negatives: int, queue) -> None:
+    """One configuration in a fresh process: forward + backward of the stage-two loss on random inputs."""
+    from transformers import AutoConfig, AutoModel
+
+    from pipeline.models.hllm import UserLLM, drop_word_embeddings, nce_loss
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config = AutoConfig.for_model("llama", max_position_embeddings=max(4096, length), bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=None, **SHAPES[shape])
+    backbone = AutoModel.from_config(config, attn_implementation=attn)
+    drop_word_embeddings(backbone)
+    backbone.config.use_cache = False
+    model = UserLLM(backbone).to(device)
+    rows = max(1, batch_positions // length)
+    x = torch.randn(rows, length, config.hidden_size, device=device)
+    mask = torch.ones(rows, length, dtype=torch.long, device=device)
+    table = torch.randn(negatives, config.hidden_size, device=device)
+    scale = torch.tensor(2.0, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            out = model(x, mask)
+        loss = nce_loss(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), torch.zeros(rows * length),
+                        table, torch.arange(1, negatives + 1), scale).loss_per_position.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # warm-up (and optimizer state)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_rss, _ = _peak_rss_mb()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    _, peak_rss = _peak_rss_mb()
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    queue.put({"length": length, "attn_implementation": attn, "sequences_per_step": rows,
+               "seconds_per_step": round(seconds, 4), "tokens_per_s": round(rows * length / seconds, 1),
+               "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else round(peak_rss, 1),
+               "memory_measure": "cuda max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
+               "rss_before_steps_mb": None if cuda else round(base_rss, 1),
+               "train_flops_per_s": 6 * params * rows * length / seconds
+               + 12 * config.num_hidden_layers * rows * length * length * config.hidden_size / seconds})
+
+
+def bench_train(shape: str, out: Path, lengths: tuple[int, ...] = (256, 1024, 4096), batch_positions: int = 8192,
+                steps: int = 3, negatives: int = 1024, peak_tflops: float | None = None, log=print) -> dict:
+    """Training throughput and peak memory of the User LLM at several sequence lengths, SDPA against eager."""
+    import multiprocessing
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
+    if steps < 1 or batch_positions < 1 or any(length < 2 for length in lengths):
+        raise UserError("bench train: --steps, --batch-positions >= 1 and lengths >= 2 are required")
+    info = machine()
+    if peak_tflops is None and "gpu" in info:
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["gpu"]), None)
+    context = multiprocessing.get_context("spawn")  # a fresh process per configuration: honest peak memory
+    rows = []
+    for length in lengths:
+        for attn in ("sdpa", "eager"):
+            queue = context.Queue()
+            child = context.Process(target=_train_one, args=(shape, length, attn, batch_positions, steps, negatives,
+                                                             queue))
+            child.start()
+            result = queue.get()
+            child.join()
+            if peak_tflops:
+                result["mfu"] = round(result["train_flops_per_s"] / (peak_tflops * 1e12), 4)
+            result["train_flops_per_s"] = round(result["train_flops_per_s"], 1)
+            rows.append(result)
+            log(f"length {length:5d} {attn:5s}: {result['tokens_per_s']:10.1f} tokens/s, "
+                f"peak {result['peak_memory_mb']:.0f} MB")
+    speedups = {str(length): round(next(r["tokens_per_s"] for r in rows if r["length"] == length
+                                        and r["attn_implementation"] == "sdpa")
+                                   / next(r["tokens_per_s"] for r in rows if r["length"] == length
+                                          and r["attn_implementation"] == "eager"), 2) for length in lengths}
+    result = {"benchmark": "train", "machine": info, "shape": shape, "config": SHAPES[shape],
+              "batch_positions": batch_positions, "negatives": negatives, "steps": steps,
+              "dtype": "bfloat16 autocast" if "gpu" in info else "float32", "peak_tflops": peak_tflops,
+              "weights": "random (speed only)", "results": rows, "sdpa_speedup_over_eager": speedups}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    log(f"SDPA over eager: {speedups}; written to {out}")
     return result

@@ -154,6 +154,24 @@ def bench_embed_mfu(
               peak_tflops, log=_log)
 
 
+@bench_app.command("train")
+def bench_train(
+    shape: Annotated[str, typer.Option(help="User LLM shape: llama-small (the CPU configs), smollm2-135m, "
+                                             "tinyllama-1.1b, tiny.")] = "llama-small",
+    out: Annotated[Path | None, typer.Option(help="JSON file [default: bench/results/train-SHAPE.json].")] = None,
+    lengths: Annotated[list[int] | None, typer.Option("--length", help="Sequence lengths (repeat the option).")
+                       ] = None,
+    batch_positions: Annotated[int, typer.Option(help="Positions per step (sequences = this / length).")] = 8192,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per configuration.")] = 3,
+    peak_tflops: Annotated[float | None, typer.Option(help="Peak for the MFU [default: known GPUs' bf16].")] = None,
+) -> None:
+    """Tokens/s and peak memory of User LLM training at several lengths, SDPA against eager attention."""
+    from pipeline.bench import bench_train as run_bench
+
+    run_bench(shape, out or Path(f"bench/results/train-{shape}.json"), tuple(lengths or (256, 1024, 4096)),
+              batch_positions, steps, peak_tflops=peak_tflops, log=_log)
+
+
 def main() -> None:
     try:
         app()

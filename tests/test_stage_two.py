@@ -145,3 +145,15 @@ def test_adapter_starts_as_identity_and_width_mismatch_is_refused(cached, tmp_pa
     missing = settings(cached, tmp_path / "s", "model.init=stage-one")
     with pytest.raises(UserError, match="no stage-one User LLM"):
         stage.run(missing, log=quiet)
+
+
+def test_train_benchmark_runs_and_writes_json(tmp_path):
+    from conftest import run_cli
+
+    done = run_cli("bench", "train", "--shape", "tiny", "--out", str(tmp_path / "t.json"), "--length", "16",
+                   "--batch-positions", "64", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [(r["length"], r["attn_implementation"]) for r in result["results"]] == [(16, "sdpa"), (16, "eager")]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["results"])
+    assert set(result["sdpa_speedup_over_eager"]) == {"16"}
