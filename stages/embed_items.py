@@ -225,7 +225,8 @@ def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, 
         for backbone in (model.item_llm.backbone, model.user_llm.backbone):
             backbone.gradient_checkpointing_enable()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, run_dir / "config.yaml")
+    if distributed_state(device_of(config.device)).is_main_process:
+        cfg.save(config, run_dir / "config.yaml")
     identity = {"model": cfg.to_dict(config.model), "interactions": sha256_file(config.data / "interactions.parquet"),
                 "items": sha256_file(config.data / "items.parquet")}
     return train_loop(model, task, t, run_dir, identity, config.seed, config.device, config.resume, log=log)

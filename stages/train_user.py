@@ -23,7 +23,7 @@ from pipeline.data.sequences import UserSequences, eval_examples, training_windo
 from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir, sha256_file
-from pipeline.loop import LoopTask, StepBatch, device_of, train_loop
+from pipeline.loop import LoopTask, StepBatch, device_of, distributed_state, train_loop
 from pipeline.metrics import metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.models import build
 from pipeline.models.cached import TIME_FIELDS, CachedUserModel, time_features
@@ -252,12 +252,16 @@ def run(config: TrainUserConfig, log=print) -> Path:
     if m.gradient_checkpointing:
         model.user_llm.backbone.gradient_checkpointing_enable()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, run_dir / "config.yaml")
+    if distributed_state(device).is_main_process:
+        cfg.save(config, run_dir / "config.yaml")
     identity = {"model": cfg.to_dict(m), "embeddings": json.loads((root / "manifest.json").read_text())["shards"],
                 "interactions": sha256_file(config.data / "interactions.parquet")}
     model = train_loop(model, task, t, run_dir, identity, config.seed, config.device, config.resume, log=log)
     out = config.run / "user_llm"
-    save_user_model(model, out, {**meta, "logit_scale": model.logit_scale.item(), "time_fields": TIME_FIELDS})
-    cfg.save(config, out / "config.yaml")
-    log(f"User LLM written to {out}")
+    state = distributed_state(device)
+    if state.is_main_process:  # one writer: every process holds the same weights
+        save_user_model(model, out, {**meta, "logit_scale": model.logit_scale.item(), "time_fields": TIME_FIELDS})
+        cfg.save(config, out / "config.yaml")
+        log(f"User LLM written to {out}")
+    state.wait_for_everyone()
     return out

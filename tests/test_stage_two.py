@@ -157,3 +157,34 @@ def test_train_benchmark_runs_and_writes_json(tmp_path):
     assert [(r["length"], r["attn_implementation"]) for r in result["results"]] == [(16, "sdpa"), (16, "eager")]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["results"])
     assert set(result["sdpa_speedup_over_eager"]) == {"16"}
+
+
+def test_two_processes_match_one_process(cached, tmp_path):
+    """Stage two under DDP (two CPU processes, gloo): same global batch, same weights as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "launch.py"
+    script.write_text("import sys\n"
+                      f"sys.path.insert(0, {str(REPO)!r})\n"
+                      "from pipeline import config as cfg\n"
+                      "from stages import train_user as stage\n"
+                      "stage.run(cfg.load(stage.TrainUserConfig, sys.argv[1]), log=lambda _: None)\n")
+    weights = {}
+    for procs in (1, 2):
+        conf = settings(cached, tmp_path / f"p{procs}", "train.max_steps=6", "train.eval_users=0", "train.lr=3e-4",
+                        "model.time_embedding=true")
+        cfg.save(conf, tmp_path / f"p{procs}.yaml")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={procs}", str(script), str(tmp_path / f"p{procs}.yaml")],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights[procs] = {**load_file(tmp_path / f"p{procs}" / "user_llm" / "model.safetensors"),
+                          **load_file(tmp_path / f"p{procs}" / "user_llm" / "user_head.safetensors")}
+    for key, value in weights[1].items():
+        diff = (value.float() - weights[2][key].float()).abs()
+        assert diff.max() < 3e-4 and diff.mean() < 1e-6, (key, diff.max(), diff.mean())
