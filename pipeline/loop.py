@@ -59,6 +59,19 @@ class LoopTask:
     """A line describing the data, logged at the start."""
 
 
+def check_loop_settings(t, positive: tuple[str, ...] = ()) -> None:
+    """Validate the settings train_loop reads (and a stage's own `positive` ones) with fix-it messages."""
+    for name in ("epochs", "batch_size", "grad_accum", "patience", "checkpoint_every", "log_every", *positive):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    metric, _, k = t.early_stopping_metric.partition("@")
+    if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
+        raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric}: use ndcg@K or recall@K "
+                          "with K one of 10, 50, 200")
+
+
 def lr_lambda(total: int, warmup: int):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     def f(step: int) -> float:

@@ -31,7 +31,15 @@ from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import sha256_file, write_text_atomic
-from pipeline.loop import LoopTask, StepBatch, device_of, distributed_state, fingerprint, train_loop
+from pipeline.loop import (
+    LoopTask,
+    StepBatch,
+    check_loop_settings,
+    device_of,
+    distributed_state,
+    fingerprint,
+    train_loop,
+)
 from pipeline.models import build
 from pipeline.models.hllm import HLLM
 from pipeline.models.tokens import TokenizedCatalogue
@@ -111,16 +119,7 @@ class TrainConfig:
     """Accelerator peak for the MFU in the log (e.g. 989 for an H100 in bf16); null leaves MFU out."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "num_negatives", "token_budget", "patience",
-                     "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        name, _, k = self.early_stopping_metric.partition("@")
-        if name not in ("ndcg", "recall") or k not in ("10", "50", "200"):
-            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
-                              "with K one of 10, 50, 200")
+        check_loop_settings(self, positive=("max_len", "num_negatives", "token_budget"))
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from pipeline import config as cfg
 from pipeline.data.sequences import UserSequences, eval_examples, training_windows
 from pipeline.embeddings.store import load_embeddings
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import UserError
 from pipeline.io import atomic_dir, sha256_file
-from pipeline.loop import LoopTask, StepBatch, device_of, distributed_state, train_loop
+from pipeline.loop import LoopTask, StepBatch, check_loop_settings, device_of, distributed_state, train_loop
 from pipeline.metrics import metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.models import build
 from pipeline.models.cached import TIME_FIELDS, CachedUserModel, time_features
@@ -94,14 +94,7 @@ class UserTrainConfig:
     """Accelerator peak for the MFU in the log; null leaves MFU out."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "num_negatives", "patience",
-                     "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
-        metric, _, k = self.early_stopping_metric.partition("@")
-        if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
-            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
-                              "with K one of 10, 50, 200")
+        check_loop_settings(self, positive=("max_len", "num_negatives"))
 
 
 @dataclass(frozen=True)
