@@ -303,3 +303,82 @@ def bench_train(shape: str, out: Path, lengths: tuple[int, ...] = (256, 1024, 40
     write_json_atomic(out, result)
     log(f"SDPA over eager: {speedups}; written to {out}")
     return result
+
+
+def _topk_differences(a: np.ndarray, b: np.ndarray, items: np.ndarray, queries: np.ndarray) -> dict:
+    """How two top-K lists (U, K) of item_idx differ: identical rows, and the largest float64 score gap between
+    items that sit at the same position in the two lists (tiny gaps = float rounding between near-ties)."""
+    differ = a != b
+    gap = 0.0
+    if differ.any():
+        rows, cols = np.nonzero(differ)
+        q = queries[rows].astype(np.float64)
+        score_a = np.einsum("ij,ij->i", items[a[rows, cols] - 1].astype(np.float64), q)
+        score_b = np.einsum("ij,ij->i", items[b[rows, cols] - 1].astype(np.float64), q)
+        gap = float(np.abs(score_a - score_b).max())
+    return {"identical_rows": float((~differ).all(axis=1).mean()),
+            "identical_sets": float(np.mean([set(x) == set(y) for x, y in zip(a, b, strict=True)])),
+            "max_score_gap_where_different": gap}
+
+
+def bench_search(out: Path, users: int = 10_000, items: int = 200_000, dim: int = 384, k: int = 200,
+                 batch_size: int = 1024, loop_users: int = 500, seed: int = 0, log=print) -> dict:
+    """Users/s of exact top-K search over synthetic normalised vectors: FAISS IndexFlatIP and torch matmul+top-K
+    (both through the eval path, masked_topk), against a per-user numpy loop, checking they return the same top-K."""
+    from pipeline.search import FaissSearch, Masked, TorchSearch, build_faiss_index, import_faiss, masked_topk
+
+    if min(users, items, dim, k, batch_size, loop_users) < 1 or k > items:
+        raise UserError("bench search: --users, --items, --dim, --k, --batch-size and --loop-users must be >= 1, "
+                        "and --k at most --items")
+    rng = np.random.default_rng(seed)
+    item_vecs = F.normalize(torch.from_numpy(rng.standard_normal((items, dim), dtype=np.float32)), dim=-1).numpy()
+    queries = F.normalize(torch.from_numpy(rng.standard_normal((users, dim), dtype=np.float32)), dim=-1).numpy()
+    no_mask = Masked(np.zeros(users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    paths: dict[str, dict] = {}
+    tops: dict[str, np.ndarray] = {}
+
+    faiss = import_faiss()
+    if faiss is not None:
+        start = time.perf_counter()
+        index = build_faiss_index(item_vecs, "flat", 1, 32, seed)
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tops["faiss"] = masked_topk(FaissSearch(index, "flat"), queries, no_mask, k, batch_size)[1]
+        seconds = time.perf_counter() - start
+        paths["faiss"] = {"what": f"faiss IndexFlatIP, {batch_size} users per search call", "users": users,
+                          "seconds": round(seconds, 3), "users_per_s": round(users / seconds, 1),
+                          "index_build_s": round(build_s, 3)}
+        log(f"faiss flat: {users / seconds:,.0f} users/s")
+    start = time.perf_counter()
+    tops["torch"] = masked_topk(TorchSearch(item_vecs), queries, no_mask, k, batch_size)[1]
+    seconds = time.perf_counter() - start
+    paths["torch"] = {"what": f"torch matmul + topk, {batch_size} users per batch", "users": users,
+                      "seconds": round(seconds, 3), "users_per_s": round(users / seconds, 1)}
+    log(f"torch matmul+topk: {users / seconds:,.0f} users/s")
+
+    n_loop = min(loop_users, users)
+    loop = np.empty((n_loop, k), dtype=np.int64)
+    start = time.perf_counter()
+    for user in range(n_loop):  # the reference: one user at a time
+        scores = item_vecs @ queries[user]
+        top = np.argpartition(-scores, k - 1)[:k]
+        loop[user] = top[np.lexsort((top, -scores[top]))] + 1
+    seconds = time.perf_counter() - start
+    paths["per_user_loop"] = {"what": "numpy matrix-vector + argpartition, one user per call", "users": n_loop,
+                              "seconds": round(seconds, 3), "users_per_s": round(n_loop / seconds, 1)}
+    log(f"per-user loop: {n_loop / seconds:,.0f} users/s (first {n_loop} users)")
+
+    agreement = {f"{name}_vs_per_user_loop": _topk_differences(top[:n_loop], loop, item_vecs, queries[:n_loop])
+                 for name, top in tops.items()}
+    if "faiss" in tops:
+        agreement["faiss_vs_torch"] = _topk_differences(tops["faiss"], tops["torch"], item_vecs, queries)
+    base = paths["per_user_loop"]["users_per_s"]
+    result = {"benchmark": "search", "machine": machine(), "faiss": getattr(faiss, "__version__", None),
+              "users": users, "items": items, "dim": dim, "k": k, "data": f"synthetic N(0, 1) vectors, L2-normalised, "
+              f"seed {seed}", "paths": paths,
+              "speedup_over_per_user_loop": {name: round(p["users_per_s"] / base, 1) for name, p in paths.items()},
+              "agreement": agreement}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    log(f"agreement: {json.dumps(agreement)}; written to {out}")
+    return result

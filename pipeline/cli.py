@@ -115,6 +115,33 @@ def train_user(
     stage.run(cfg.load(stage.TrainUserConfig, config, overrides or []), log=_log)
 
 
+@app.command("eval")
+def evaluate(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. index=hnsw.")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="Cut-offs: --k 10 50 200 [default: 10 50 200].")] = None,
+    split: Annotated[str | None, typer.Option(help="test or valid [default: test].")] = None,
+    mask_history: Annotated[str | None, typer.Option(help="full, window or none [default: full].")] = None,
+    index: Annotated[str | None, typer.Option(help="flat (exact), ivf or hnsw [default: flat].")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder [default: artifacts/ml-100k].")] = None,
+    model: Annotated[str | None, typer.Option(help="hllm or popularity [default: hllm].")] = None,
+    per_user_ranks: Annotated[bool, typer.Option(help="Also write each user's rank as Parquet.")] = False,
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
+    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
+) -> None:
+    """Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and NDCG@K."""
+    from stages import evaluate as stage
+
+    if show_settings:
+        typer.echo(cfg.describe(stage.EvalConfig))
+        return
+    conf = cfg.load(stage.EvalConfig, config, overrides or [], k=k or None, split=split, mask_history=mask_history,
+                    index=index, run=run, model=model, per_user_ranks=per_user_ranks or None)
+    report = stage.run(conf, log=_log)
+    typer.echo(stage.format_table(report))
+    typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
+                                                      else ""))
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
 app.add_typer(bench_app, name="bench")
 
@@ -172,7 +199,44 @@ def bench_train(
               batch_positions, steps, peak_tflops=peak_tflops, log=_log)
 
 
+@bench_app.command("search")
+def bench_search(
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench/results/search-cpu.json"),
+    users: Annotated[int, typer.Option(help="Query vectors.")] = 10_000,
+    items: Annotated[int, typer.Option(help="Item vectors.")] = 200_000,
+    dim: Annotated[int, typer.Option(help="Vector size.")] = 384,
+    k: Annotated[int, typer.Option("--k", help="Top-K per user.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Users per search call.")] = 1024,
+    loop_users: Annotated[int, typer.Option(help="Users the per-user reference loop times (it is slow).")] = 500,
+) -> None:
+    """Users/s of exact top-K search (synthetic vectors): FAISS and torch against a per-user loop."""
+    from pipeline.bench import bench_search as run_bench
+
+    run_bench(out, users, items, dim, k, batch_size, loop_users, log=_log)
+
+
+def expand_multi_value_options(args: list[str], options: tuple[str, ...] = ("--k",)) -> list[str]:
+    """`--k 10 50 200` -> `--k 10 --k 50 --k 200` (click options take one value each; settings never look like a
+    bare number, so the numbers after --k are its values)."""
+    out: list[str] = []
+    current, given = None, False  # the option being read, and whether it got a value yet
+    for arg in args:
+        if current is not None and arg.lstrip("-").isdigit() and not arg.startswith("--"):
+            out += [current, arg]
+            given = True
+            continue
+        if current is not None and not given:
+            out.append(current)  # no value: let click say so
+        current, given = (arg, False) if arg in options else (None, False)
+        if current is None:
+            out.append(arg)
+    if current is not None and not given:
+        out.append(current)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = expand_multi_value_options(sys.argv[1:])
     try:
         app()
     except UserError as e:

@@ -21,6 +21,18 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folder_sha256(folder: str | os.PathLike, skip: tuple[str, ...] = ("config.yaml",)) -> str:
+    """One hash of every file under `folder` (relative names and contents), except those named in `skip`
+    (a run's config.yaml records how it was made, not what it holds)."""
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name not in skip:
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

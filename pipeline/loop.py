@@ -66,6 +66,12 @@ def check_loop_settings(t, positive: tuple[str, ...] = ()) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    if t.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
+        except ImportError:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                              "(or pip install -e '.[tensorboard]'), or set train.tensorboard=false") from None
     metric, _, k = t.early_stopping_metric.partition("@")
     if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
         raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric}: use ndcg@K or recall@K "
@@ -129,7 +135,8 @@ def train_loop(model: nn.Module, task: LoopTask, t, run_dir: Path, identity: dic
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(t.warmup_ratio * total_steps)))
     # what decides the trajectory (not how often it is logged or saved)
-    trajectory = {k: v for k, v in vars(t).items() if k not in ("log_every", "checkpoint_every", "peak_tflops")}
+    logging_only = ("log_every", "checkpoint_every", "peak_tflops", "tensorboard")
+    trajectory = {k: v for k, v in vars(t).items() if k not in logging_only}
     run_id = fingerprint({"identity": identity, "train": trajectory, "seed": seed, "world": world})
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "done": False}
     state_path = run_dir / "state.pt"
@@ -160,10 +167,23 @@ def train_loop(model: nn.Module, task: LoopTask, t, run_dir: Path, identity: dic
                 torch.save(payload, tmp)
         accelerator.wait_for_everyone()
 
+    board = None
+    if main and t.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(run_dir / "tensorboard"))
+
     def log_line(line: dict) -> None:
-        if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+        if not main:
+            return
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if board is not None:  # the same numbers: train/<key> per log line, valid/<metric> per epoch
+            section, values = ("valid", line["valid"]) if "valid" in line else ("train", line)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    board.add_scalar(f"{section}/{key}", value, line["step"])
+            board.flush()
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +279,8 @@ def train_loop(model: nn.Module, task: LoopTask, t, run_dir: Path, identity: dic
             state["done"] = True
         save_state()
     accelerator.wait_for_everyone()
+    if board is not None:
+        board.close()
     task.load_best(unwrapped)
     say(f"best epoch {state['best']['epoch']} (step {state['best']['step']})")
     return unwrapped

@@ -30,7 +30,7 @@ from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import sha256_file, write_text_atomic
+from pipeline.io import folder_sha256, sha256_file, write_text_atomic
 from pipeline.loop import (
     LoopTask,
     StepBatch,
@@ -117,6 +117,8 @@ class TrainConfig:
     """auto: bf16 on GPU, none on CPU."""
     peak_tflops: float | None = None
     """Accelerator peak for the MFU in the log (e.g. 989 for an H100 in bf16); null leaves MFU out."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under stage1/tensorboard (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
         check_loop_settings(self, positive=("max_len", "num_negatives", "token_budget"))
@@ -236,21 +238,11 @@ def _item_meta(config: EmbedItemsConfig) -> dict:
     return {"source_model": m.item_model, "positions": m.positions, "max_text_tokens": m.max_text_tokens}
 
 
-def _model_fingerprint(item_dir: Path) -> str:
-    """Hash of what decides the embeddings: weights, head, settings and tokenizer (not the run's config.yaml)."""
-    digest = hashlib.sha256()
-    for path in sorted(item_dir.rglob("*")):
-        if path.is_file() and path.name != "config.yaml":
-            digest.update(path.relative_to(item_dir).as_posix().encode())
-            digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
                     log=print) -> Path:
     """Run the Item LLM over every catalogue item into embeddings/<version>/ (resumable, manifest last)."""
     e, m = config.embed, config.model
-    model_fp = _model_fingerprint(config.out / "item_llm")
+    model_fp = folder_sha256(config.out / "item_llm")
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
     identity = {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "max_text_tokens": m.max_text_tokens,
                    "pooling": m.pooling, "positions": m.positions, "shard_rows": e.shard_rows, "format": e.format,
@@ -316,7 +308,7 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
         build.save_item_llm(model.item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
         build.save_user_llm(model.user_llm, config.out / "user_llm_stage1",
                             {"source": "stage one", "logit_scale": model.logit_scale.item(),
-                             "trained": config.train.finetune})
+                             "max_len": config.train.max_len, "trained": config.train.finetune})
         cfg.save(config, config.out / "item_llm" / "config.yaml")
         embed_catalogue(config, model.item_llm.to(device), catalogue, items, log=log)
     state.wait_for_everyone()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import config as cfg
 from pipeline.data.sequences import UserSequences, eval_examples, training_windows
-from pipeline.embeddings.store import load_embeddings
+from pipeline.embeddings.store import load_embeddings, version_root
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, sha256_file
 from pipeline.loop import LoopTask, StepBatch, check_loop_settings, device_of, distributed_state, train_loop
@@ -92,6 +92,8 @@ class UserTrainConfig:
     """auto: bf16 on GPU, none on CPU."""
     peak_tflops: float | None = None
     """Accelerator peak for the MFU in the log; null leaves MFU out."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under stage2/tensorboard (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
         check_loop_settings(self, positive=("max_len", "num_negatives"))
@@ -118,14 +120,7 @@ class TrainUserConfig:
 
 
 def embeddings_root(config: TrainUserConfig) -> Path:
-    base = config.run / "embeddings"
-    version = config.embeddings
-    if version is None:
-        current = base / "CURRENT"
-        if not current.is_file():
-            raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
-        version = current.read_text().strip()
-    return base / version
+    return version_root(config.run, config.embeddings)
 
 
 def build_model(config: TrainUserConfig, table: torch.Tensor, log=print) -> CachedUserModel:

@@ -128,3 +128,20 @@ def make_planted_data(root: Path, n_users: int = 120, length: int = 12, seed: in
                     items=root / "raw" / "items.csv", out=out, item_prompt=prompt)
     prepare.run(conf, log=lambda _: None)
     return out
+
+
+def make_cached_run(root: Path, dim: int = 64) -> dict:
+    """Planted data and a cached embedding version of random, distinct item vectors in root/run/embeddings."""
+    import numpy as np
+    import torch
+
+    from pipeline.embeddings.store import ShardWriter
+
+    data = make_planted_data(root)
+    items = pl.read_parquet(data / "items.parquet")
+    vectors = torch.randn(PLANTED_ITEMS, dim, generator=torch.Generator().manual_seed(0))
+    writer = ShardWriter(root / "run" / "embeddings" / "v-test", "safetensors", "float32", {"model_fingerprint": "t"})
+    writer.write(0, np.arange(1, PLANTED_ITEMS + 1), vectors)
+    writer.finish(items, dim, {"max_item_idx": PLANTED_ITEMS})
+    (root / "run" / "embeddings" / "CURRENT").write_text("v-test\n")
+    return {"data": data, "run": root / "run"}

@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
-from conftest import PLANTED_ITEMS, make_planted_data
+from conftest import make_cached_run
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
-from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import UserError
 from pipeline.models import build
 from pipeline.models.cached import CachedUserModel, time_features
@@ -23,16 +21,7 @@ from stages import train_user as stage
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory) -> dict:
     """Planted data (users walk items 1 -> 2 -> ...) and a cached embedding version of random, distinct vectors."""
-    root = tmp_path_factory.mktemp("cached")
-    data = make_planted_data(root)
-    items = pl.read_parquet(data / "items.parquet")
-    generator = torch.Generator().manual_seed(0)
-    vectors = torch.randn(PLANTED_ITEMS, 64, generator=generator)
-    writer = ShardWriter(root / "run" / "embeddings" / "v-test", "safetensors", "float32", {"model_fingerprint": "t"})
-    writer.write(0, np.arange(1, PLANTED_ITEMS + 1), vectors)
-    writer.finish(items, 64, {"max_item_idx": PLANTED_ITEMS})
-    (root / "run" / "embeddings" / "CURRENT").write_text("v-test\n")
-    return {"data": data, "run": root / "run"}
+    return make_cached_run(tmp_path_factory.mktemp("cached"))
 
 
 def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
@@ -188,3 +177,34 @@ def test_two_processes_match_one_process(cached, tmp_path):
     for key, value in weights[1].items():
         diff = (value.float() - weights[2][key].float()).abs()
         assert diff.max() < 3e-4 and diff.mean() < 1e-6, (key, diff.max(), diff.mean())
+
+
+def test_tensorboard_log_holds_the_metrics_log_numbers(cached, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the dev install")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    stage.run(settings(cached, run, "train.max_steps=10", "train.tensorboard=true"), log=quiet)
+    lines = [json.loads(line) for line in open(run / "stage2" / "metrics.jsonl")]
+    events = EventAccumulator(str(run / "stage2" / "tensorboard"))
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert losses == pytest.approx({line["step"]: line["loss"] for line in lines if "loss" in line}, rel=1e-6)
+    valid = [line for line in lines if "valid" in line]
+    assert [e.value for e in events.Scalars("valid/ndcg@200")] == pytest.approx(
+        [line["valid"]["ndcg@200"] for line in valid], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_clear_config_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        stage.UserTrainConfig(tensorboard=True)

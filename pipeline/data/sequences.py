@@ -71,13 +71,13 @@ class UserSequences:
     def prefix(self, drop_last: int) -> UserSequences:
         """Every user's sequence without its last `drop_last` items (users keep their index, possibly empty)."""
         lengths = np.maximum(self.lengths - drop_last, 0)
-        keep = np.repeat(self.offsets[:-1], lengths) + _ranges(lengths)
+        keep = np.repeat(self.offsets[:-1], lengths) + concat_ranges(lengths)
         offsets = np.zeros_like(self.offsets)
         np.cumsum(lengths, out=offsets[1:])
         return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items)
 
 
-def _ranges(lengths: np.ndarray) -> np.ndarray:
+def concat_ranges(lengths: np.ndarray) -> np.ndarray:
     """[0..l0-1, 0..l1-1, ...] for all lengths, vectorised."""
     total = int(lengths.sum())
     if total == 0:
@@ -136,7 +136,7 @@ def training_windows(seqs: UserSequences, max_len: int, chunking: Literal["last"
         n_chunks = np.where(long, lengths // size, 1)
         users = np.repeat(user_ids, n_chunks)
         first = np.where(long, train.offsets[:-1] + lengths % size, train.offsets[:-1])
-        starts = np.repeat(first, n_chunks) + _ranges(n_chunks) * size
+        starts = np.repeat(first, n_chunks) + concat_ranges(n_chunks) * size
         stops = np.where(np.repeat(long, n_chunks), starts + size, np.repeat(train.offsets[1:], n_chunks))
     else:
         raise ValueError(f"chunking must be 'last' or 'chunks', got {chunking!r}")
@@ -179,6 +179,6 @@ def eval_examples(seqs: UserSequences, split: Literal["valid", "test"]) -> EvalE
     hist_len = history.lengths[users]
     hist_offsets = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(hist_len, out=hist_offsets[1:])
-    pos = np.repeat(history.offsets[users], hist_len) + _ranges(hist_len)
+    pos = np.repeat(history.offsets[users], hist_len) + concat_ranges(hist_len)
     return EvalExamples(split, users, upto.items[target_pos], upto.timestamps[target_pos], hist_offsets,
                         history.items[pos], history.timestamps[pos])

@@ -153,3 +153,14 @@ def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
     if verify and sha256_file(root / "items.parquet") != manifest["items_sha256"]:
         raise UserError(f"{root / 'items.parquet'}: checksum does not match the manifest")
     return EmbeddingTable(table, manifest, root)
+
+
+def version_root(run: Path, version: str | None = None) -> Path:
+    """run/embeddings/<version>; version None takes the one named in run/embeddings/CURRENT."""
+    base = Path(run) / "embeddings"
+    if version is None:
+        current = base / "CURRENT"
+        if not current.is_file():
+            raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
+        version = current.read_text().strip()
+    return base / version

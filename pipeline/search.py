@@ -1,0 +1,221 @@
+"""Top-K retrieval over the item table, with the user's history masked: FAISS indexes or an exact torch path.
+
+Item vectors are L2-normalised, so inner product = cosine. Row r of an index holds item r + 1 (item 0 is padding
+and is never indexed). The items a user must not be shown (their history, as the protocol says) are removed
+after the search: each batch of users searches `k + (most masked items of a user in the batch)` deep, so a
+history longer than k is fully masked, never truncated. Users are batched in order of their masked count to keep
+that depth small. Results are ordered by (score desc, item_idx asc), the order metrics.ranks_from_scores uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.sequences import concat_ranges
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.metrics import MISS
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+GPU_MAX_K = 2048  # faiss' GPU indexes return at most this many neighbours per query
+
+
+def import_faiss():
+    """faiss, or None where it is not installed (the torch path then serves exact search)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def normalise(vectors: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(n, d) float32, C-contiguous, every row of unit length (zero rows stay zero)."""
+    x = torch.as_tensor(vectors).float()
+    return torch.nn.functional.normalize(x, dim=-1).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class Masked:
+    """The items removed from each user's results, as CSR: user u's are items[offsets[u]:offsets[u+1]]."""
+
+    offsets: np.ndarray
+    items: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_histories(cls, offsets: np.ndarray, items: np.ndarray, mode: str, window: int = 200) -> Masked:
+        """Mask `full` history, the last `window` items of it, or `none`, from CSR histories."""
+        if mode not in ("full", "window", "none"):
+            raise ValueError(f"mask mode must be full, window or none, got {mode!r}")
+        if mode == "full":
+            return cls(np.asarray(offsets, np.int64), np.asarray(items, np.int64))
+        lengths = np.diff(offsets)
+        keep = np.minimum(lengths, window) if mode == "window" else np.zeros_like(lengths)
+        new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(keep, out=new_offsets[1:])
+        positions = np.repeat(offsets[1:] - keep, keep) + concat_ranges(keep)
+        return cls(new_offsets, np.asarray(items, np.int64)[positions])
+
+    def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in `users`, item) of every masked pair of those users, vectorised."""
+        counts = self.counts[users]
+        positions = np.repeat(self.offsets[users], counts) + concat_ranges(counts)
+        return np.repeat(np.arange(len(users)), counts), self.items[positions]
+
+
+class TorchSearch:
+    """Exact search: one matmul and one top-K per batch of users, on CPU or GPU (no faiss needed)."""
+
+    kind, backend, exact = "flat", "torch", True
+
+    def __init__(self, items: np.ndarray, device: str | torch.device = "cpu") -> None:
+        self.items = torch.from_numpy(items).to(device)  # (N, d), normalised
+        self.num_items = items.shape[0]
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (b, d) -> scores (b, depth) float32, item_idx (b, depth) int64, best first."""
+        scores = torch.from_numpy(queries).to(self.items.device) @ self.items.T  # (b, N)
+        top = torch.topk(scores, depth, dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy() + 1
+
+
+class FaissSearch:
+    """A FAISS index over the normalised items (on the GPU too when faiss has one, for depths it supports)."""
+
+    backend = "faiss"
+
+    def __init__(self, index, kind: str, ivf_probe: int = 16, hnsw_ef_search: int = 256) -> None:
+        faiss = import_faiss()
+        self.index, self.kind, self.exact = index, kind, kind == "flat"
+        self.num_items = index.ntotal
+        self.hnsw_ef_search = hnsw_ef_search
+        if kind == "ivf":
+            index.nprobe = ivf_probe
+        self.gpu_index = None
+        if kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self.gpu_resources = faiss.StandardGpuResources()
+            self.gpu_index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.gpu_index if self.gpu_index is not None and depth <= GPU_MAX_K else self.index
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.hnsw_ef_search, depth)  # HNSW finds at most efSearch results
+        scores, labels = index.search(queries, depth)
+        return scores, labels.astype(np.int64) + 1  # label -1 (nothing found) becomes 0, dropped later
+
+
+class PopularitySearch:
+    """The popularity baseline as a search: every user gets the items by training count (ties by item_idx)."""
+
+    kind, backend, exact = "popularity", "numpy", True
+
+    def __init__(self, counts: np.ndarray) -> None:
+        counts = np.asarray(counts, dtype=np.int64)[1:]  # (N,) items 1..N
+        self.num_items = len(counts)
+        self.order = np.lexsort((np.arange(self.num_items), -counts)) + 1  # item_idx, most popular first
+        self.scores = counts[self.order - 1].astype(np.float32)
+
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        b = len(queries)
+        return (np.broadcast_to(self.scores[:depth], (b, depth)).copy(),
+                np.broadcast_to(self.order[:depth], (b, depth)).copy())
+
+
+def build_faiss_index(items: np.ndarray, kind: str, ivf_lists: int, hnsw_m: int, seed: int):
+    """An index over normalised items (N, d) by inner product: flat (exact), ivf or hnsw (approximate)."""
+    faiss = import_faiss()
+    dim = items.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, ivf_lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(items)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    index.add(items)
+    return index
+
+
+def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, ivf_lists: int, hnsw_m: int,
+                       seed: int, save: bool = True, log=print) -> tuple[object, dict]:
+    """Load the index saved under `folder` for exactly `key` (the item vectors and build settings), or build it
+    (and save it atomically). Returns (index, {"path", "reused", "build_s"})."""
+    from pipeline.loop import fingerprint
+
+    faiss = import_faiss()
+    name = f"{kind}-{fingerprint(key)}"
+    path = folder / f"{name}.faiss"
+    if path.is_file():
+        start = time.perf_counter()
+        index = faiss.read_index(str(path))
+        if index.ntotal == items.shape[0] and index.d == items.shape[1]:
+            log(f"index: reusing {path}")
+            return index, {"path": str(path), "reused": True, "load_s": round(time.perf_counter() - start, 3)}
+    start = time.perf_counter()
+    index = build_faiss_index(items, kind, ivf_lists, hnsw_m, seed)
+    seconds = time.perf_counter() - start
+    log(f"index: built faiss {kind} over {items.shape[0]:,} items x {items.shape[1]} in {seconds:.1f}s")
+    if save:
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+        write_json_atomic(folder / f"{name}.json", {"kind": kind, "key": key, "items": int(items.shape[0]),
+                                                     "dim": int(items.shape[1]), "faiss": faiss.__version__})
+    return index, {"path": str(path) if save else None, "reused": False, "build_s": round(seconds, 3)}
+
+
+def masked_topk(searcher, queries: np.ndarray, masked: Masked, k: int, batch_size: int = 1024
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's top-k items with padding and their masked items removed, best first.
+
+    Returns scores (U, k) float32 and item_idx (U, k) int64; slots with no item (k > what is left) hold 0 and
+    -inf. One search call per batch of users, never one per user.
+    """
+    n_users, n_items = len(queries), searcher.num_items
+    counts = masked.counts
+    out_scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    out_items = np.zeros((n_users, k), dtype=np.int64)
+    order = np.argsort(counts, kind="stable")  # similar masked counts share a batch, so depth stays small
+    for start in range(0, n_users, batch_size):
+        users = order[start:start + batch_size]
+        depth = min(n_items, k + int(counts[users].max(initial=0)))
+        scores, items = searcher.search(np.ascontiguousarray(queries[users]), depth)  # (b, depth)
+        rows, masked_items = masked.rows(users)
+        stride = n_items + 1
+        hidden = np.isin(np.arange(len(users))[:, None] * stride + items, rows * stride + masked_items)
+        keep = (items > 0) & ~hidden
+        # kept results first, by (score desc, item_idx asc); masked and empty slots last
+        best = np.lexsort((items, -scores, ~keep), axis=1)[:, :k]  # (b, min(k, depth))
+        taken = np.take_along_axis(keep, best, 1)
+        width = best.shape[1]
+        out_scores[users, :width] = np.where(taken, np.take_along_axis(scores, best, 1), -np.inf)
+        out_items[users, :width] = np.where(taken, np.take_along_axis(items, best, 1), 0)
+    return out_scores, out_items
+
+
+def ranks_in_topk(topk_items: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1-based position of each target in its row of top-K items; metrics.MISS when it is not there."""
+    hit = topk_items == np.asarray(targets, dtype=np.int64)[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, MISS).astype(np.int64)
+
+
+def recall_against_exact(approx_items: np.ndarray, exact_items: np.ndarray, ks) -> dict[str, float]:
+    """Per K: the share of the exact top-K items that the approximate index also returns in its top-K."""
+    out = {}
+    stride = int(max(approx_items.max(initial=0), exact_items.max(initial=0))) + 1
+    rows = np.arange(len(exact_items))[:, None] * stride
+    for k in ks:
+        exact, approx = exact_items[:, :k], approx_items[:, :k]
+        found = np.isin(rows + exact, (rows + approx)[approx > 0]) & (exact > 0)
+        out[f"recall@{k}"] = float(found.sum() / max(int((exact > 0).sum()), 1))
+    return out

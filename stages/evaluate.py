@@ -1,0 +1,323 @@
+"""Evaluation (`eval`): top-K retrieval over the whole catalogue and Recall@K / NDCG@K, the paper's protocol.
+
+For every user with a target in the split: the User LLM reads the history (its last max_len items) and gives a
+user vector; a FAISS index over the L2-normalised item embeddings (or the exact torch path) returns the top K
+items with padding and the history removed (`full`, `window` or `none`); the target's position in that list is
+its rank. Writes into `run` (e.g. artifacts/ml-100k):
+  reports/eval-<timestamp>.json   metrics, user count, protocol card, timings (and .md: the same as a table)
+  reports/ranks-<timestamp>.parquet   with per_user_ranks=true: user, target, rank (null: not in the top K)
+  embeddings/<version>/index/     the FAISS index, reused while the item vectors and its settings are unchanged
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.data.sequences import EvalExamples, UserSequences, eval_examples
+from pipeline.embeddings.store import load_embeddings, version_root
+from pipeline.errors import ConfigError, UserError
+from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
+from pipeline.loop import device_of
+from pipeline.metrics import MISS, metrics_from_ranks
+from pipeline.models import build
+from pipeline.models.cached import CachedUserModel, time_features
+from pipeline.search import (
+    FaissSearch,
+    Masked,
+    PopularitySearch,
+    TorchSearch,
+    cached_faiss_index,
+    import_faiss,
+    masked_topk,
+    normalise,
+    ranks_in_topk,
+    recall_against_exact,
+)
+from pipeline.training import left_pad
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: Path = Path("artifacts/ml-100k")
+    """The run folder (embeddings/, user_llm/, ...); reports/ is written into it."""
+    data: Path | None = None
+    """Canonical tables; null: run/data."""
+    k: tuple[int, ...] = (10, 50, 200)
+    """Cut-offs K of Recall@K and NDCG@K."""
+    split: Literal["test", "valid"] = "test"
+    """Targets: test (each user's last item) or valid (second to last; for choosing settings)."""
+    mask_history: Literal["full", "window", "none"] = "full"
+    """Items removed before the top K: full history (official HLLM), the last `window` items
+    (generative-recommenders) or none (RecBole). A target in the removed history is a miss."""
+    window: int = 200
+    """History items removed under mask_history=window."""
+    model: Literal["hllm", "popularity"] = "hllm"
+    """hllm: the User LLM on the cached embeddings; popularity: items by training interactions, for every user."""
+    user_llm: Literal["auto", "stage-two", "stage-one"] = "auto"
+    """Which User LLM: stage-two (run/user_llm), stage-one (run/user_llm_stage1), auto (stage two if trained)."""
+    embeddings: str | None = None
+    """Embeddings version under run/embeddings/; null: the one in run/embeddings/CURRENT."""
+    max_len: int | None = None
+    """History items the User LLM reads; null: the length it was trained with."""
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    """flat: exact (IndexFlatIP); ivf, hnsw: approximate, reported with their recall against exact search."""
+    search: Literal["auto", "faiss", "torch"] = "auto"
+    """faiss, torch (exact matmul + top-K; index=flat only), or auto: faiss where installed, else torch."""
+    ivf_lists: int | None = None
+    """IVF clusters; null: 4 x sqrt(items), at most items / 39 (faiss' minimum training points per cluster)."""
+    ivf_probe: int = 16
+    """IVF clusters searched per query (more: slower, closer to exact)."""
+    hnsw_m: int = 32
+    """HNSW graph degree."""
+    hnsw_ef_search: int = 256
+    """HNSW search breadth (raised to the search depth when that is larger)."""
+    save_index: bool = True
+    """Keep the FAISS index under embeddings/<version>/index/ for the next eval."""
+    per_user_ranks: bool = False
+    """Also write reports/ranks-<timestamp>.parquet: one row per user with the target's rank."""
+    batch_size: int = 1024
+    """Users per search batch (and 256 per User LLM forward)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda: where the User LLM (and torch search) run."""
+    seed: int = 42
+    """Seed of IVF clustering."""
+
+    def __post_init__(self) -> None:
+        if not self.k or any(k < 1 for k in self.k):
+            raise ConfigError(f"k={list(self.k)}: give one or more positive cut-offs, e.g. --k 10 50 200")
+        for name in ("window", "batch_size", "ivf_probe", "hnsw_m", "hnsw_ef_search"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("max_len", "ivf_lists"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1, or null")
+        if self.search == "torch" and self.index != "flat":
+            raise ConfigError(f"search=torch serves exact search only; use index=flat, or search=faiss for "
+                              f"index={self.index}")
+
+
+def _user_llm_dir(config: EvalConfig) -> Path:
+    stage_two, stage_one = config.run / "user_llm", config.run / "user_llm_stage1"
+    if config.user_llm == "stage-two" or (config.user_llm == "auto" and stage_two.is_dir()):
+        path = stage_two
+    else:
+        path = stage_one
+    if not (path / "user_llm.json").is_file():
+        raise UserError(f"{path}: no trained User LLM; run `make train-user` (stage two) or `make embed-items` "
+                        f"(stage one) first, or evaluate the floor with --model popularity")
+    return path
+
+
+def load_user_model(path: Path, table: torch.Tensor) -> tuple[CachedUserModel, dict]:
+    """The User LLM of stage one or two over the cached table, with its extra inputs; and its metadata."""
+    meta = json.loads((path / "user_llm.json").read_text())
+    user_llm = build.load_user_llm(path)
+    if user_llm.dim != table.shape[1]:
+        raise UserError(f"{path}: the User LLM is {user_llm.dim} wide but the embeddings have {table.shape[1]} "
+                        "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
+    model = CachedUserModel(table, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
+                            meta.get("adapter", False))
+    if (path / "user_head.safetensors").is_file():
+        from stages.train_user import load_user_model as load_head
+
+        load_head(model, path)
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def user_vectors(model: CachedUserModel, examples: EvalExamples, max_len: int, time_precision: str,
+                 device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """(U, D) normalised next-item vectors from each example's last max_len history items.
+
+    Users are batched by history length and each batch is padded only to its longest history (positions start
+    at 0 for every user, so the amount of left padding does not change a user's vector)."""
+    offsets = examples.history_offsets
+    lengths = np.minimum(np.diff(offsets), max_len)
+    order = np.argsort(lengths, kind="stable")
+    vectors = torch.zeros(len(examples), model.user_llm.dim)
+    for start in range(0, len(examples), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(int(lengths[rows].max()), 1)
+        ids = left_pad([examples.history(i) for i in rows], width).to(device)
+        times = None
+        if model.time is not None:
+            stamps = left_pad([examples.history_timestamps[offsets[i]:offsets[i + 1]] for i in rows], width)
+            times = torch.from_numpy(time_features(stamps.numpy(), time_precision)).to(device)
+        vectors[torch.from_numpy(rows)] = model.user_vectors(ids, times).float().cpu()
+    if not torch.isfinite(vectors).all():
+        raise RuntimeError("the User LLM produced NaN or infinite user vectors")
+    return normalise(vectors)
+
+
+def _ivf_lists(config: EvalConfig, n_items: int) -> int:
+    if config.ivf_lists is not None:
+        return min(config.ivf_lists, n_items)
+    return max(1, min(int(4 * math.sqrt(n_items)), n_items // 39))
+
+
+def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, device: torch.device, log=print):
+    """The searcher the settings ask for, and a description of the index for the protocol card."""
+    faiss = import_faiss()
+    backend = config.search if config.search != "auto" else ("faiss" if faiss is not None else "torch")
+    if backend == "torch":
+        if config.index != "flat":
+            raise ConfigError(f"index={config.index} needs faiss, which is not installed here: pip install "
+                              "faiss-cpu (or faiss-gpu), or use index=flat")
+        if config.search == "auto":
+            log("faiss is not installed: exact search with torch instead")
+        return TorchSearch(items, device), {"type": "exact", "backend": "torch", "device": str(device),
+                                            "description": "torch matmul + top-K (exact)"}
+    if faiss is None:
+        raise ConfigError("search=faiss but faiss is not installed here: pip install faiss-cpu (or faiss-gpu), or "
+                          "set search=torch")
+    lists = _ivf_lists(config, len(items))
+    build_settings = {"ivf_lists": lists, "seed": config.seed} if config.index == "ivf" else (
+        {"hnsw_m": config.hnsw_m} if config.index == "hnsw" else {})
+    key = {"items_sha256": hashlib.sha256(items.tobytes()).hexdigest(), "shape": list(items.shape),
+           "kind": config.index, **build_settings}
+    index, info = cached_faiss_index(items, config.index, index_folder, key, lists, config.hnsw_m, config.seed,
+                                     save=config.save_index, log=log)
+    searcher = FaissSearch(index, config.index, config.ivf_probe, config.hnsw_ef_search)
+    search_settings = {"ivf_probe": config.ivf_probe} if config.index == "ivf" else (
+        {"hnsw_ef_search": config.hnsw_ef_search} if config.index == "hnsw" else {})
+    kind = "exact" if config.index == "flat" else "approximate"
+    faiss_index = {"flat": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}[config.index]
+    card = {"type": kind, "backend": "faiss", "faiss_index": faiss_index,
+            "description": f"faiss {faiss_index} ({kind})", "gpu": searcher.gpu_index is not None,
+            **build_settings, **search_settings, **info}
+    return searcher, card
+
+
+def _report_stamp(reports: Path) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while (reports / f"eval-{name}.json").exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def format_table(report: dict) -> str:
+    """The metrics as a terminal table, with the protocol line above it."""
+    p = report["protocol"]
+    lines = [f"{p['dataset']} · {p['split']} split · {report['users']:,} users · {p['items']:,} items · "
+             f"history masked: {p['mask_history']} · {p['model']['name']} · {p['index']['description']}"]
+    floor = report.get("popularity")
+    lines.append(f"{'K':>6}  {'Recall@K':>9}  {'NDCG@K':>9}" + (f"  {'popularity R@K':>15}  {'N@K':>8}" if floor
+                                                                 else ""))
+    for k in p["k"]:
+        row = f"{k:>6}  {report['metrics'][f'recall@{k}']:>9.4f}  {report['metrics'][f'ndcg@{k}']:>9.4f}"
+        if floor:
+            row += f"  {floor[f'recall@{k}']:>15.4f}  {floor[f'ndcg@{k}']:>8.4f}"
+        lines.append(row)
+    if "index_recall" in report:
+        lines.append("index recall against exact search: " + ", ".join(
+            f"@{k} {report['index_recall'][f'recall@{k}']:.4f}" for k in p["k"]))
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    p = report["protocol"]
+    rows = [f"| {k} | {report['metrics'][f'recall@{k}']:.4f} | {report['metrics'][f'ndcg@{k}']:.4f} |"
+            for k in p["k"]]
+    card = "\n".join(f"- {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in p.items())
+    header = (f"# Evaluation {report['created']}\n\n{report['users']:,} users.\n\n"
+              "| K | Recall@K | NDCG@K |\n|---|---|---|\n")
+    return header + "\n".join(rows) + f"\n\nProtocol:\n\n{card}\n"
+
+
+def run(config: EvalConfig, log=print) -> dict:
+    """Evaluate the run's User LLM (or popularity) on the split; writes the report and returns it."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = config.data or config.run / "data"
+    seqs = UserSequences.load(data)
+    examples = eval_examples(seqs, config.split)
+    if len(examples) == 0:
+        raise UserError(f"{data}: no user has a {config.split} target (each needs 3 or more interactions)")
+    masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
+                                   config.window)
+    train_counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
+    k_max = max(config.k)
+    stats_path = data / "stats.json"
+    dataset = json.loads(stats_path.read_text()).get("dataset", data.name) if stats_path.is_file() else data.name
+    protocol = {"dataset": dataset, "data": str(data), "items": seqs.num_items, "split": config.split,
+                "mask_history": config.mask_history, **({"window": config.window} if config.mask_history == "window"
+                                                       else {}),
+                "k": sorted(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
+    popularity = PopularitySearch(train_counts)
+    floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), masked, k_max,
+                                            config.batch_size)[1], examples.targets)
+    extra: dict = {}  # what only some evaluations report
+    if config.model == "popularity":
+        ranks = floor_ranks
+        protocol["model"] = {"name": "popularity", "counts": "training interactions (leave-one-out train part)"}
+        protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
+    else:
+        device = device_of(config.device)
+        root = version_root(config.run, config.embeddings)
+        embeddings = load_embeddings(root)
+        if embeddings.embeddings.shape[0] != seqs.num_items + 1:
+            raise UserError(f"{root}: holds {embeddings.embeddings.shape[0] - 1} items but {data} has "
+                            f"{seqs.num_items}; evaluate with the data these embeddings were made from")
+        path = _user_llm_dir(config)
+        model, meta = load_user_model(path, embeddings.embeddings)
+        model.to(device)
+        max_len = config.max_len or int(meta.get("max_len", 200))
+        timings["load_s"] = time.perf_counter() - started
+        log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
+            f"targets, histories of up to {max_len} items")
+        start = time.perf_counter()
+        queries = user_vectors(model, examples, max_len, meta.get("time_precision", "second"), device)
+        timings["user_vectors_s"] = time.perf_counter() - start
+        items = normalise(model.item_table()[1:].cpu())  # (N, D) items 1..N
+        start = time.perf_counter()
+        searcher, index_card = make_searcher(config, items, root / "index", device, log=log)
+        timings["index_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _, top_items = masked_topk(searcher, queries, masked, k_max, config.batch_size)
+        timings["search_s"] = time.perf_counter() - start
+        timings["users_per_s"] = len(examples) / max(timings["search_s"], 1e-9)
+        ranks = ranks_in_topk(top_items, examples.targets)
+        if not searcher.exact:
+            _, exact_items = masked_topk(TorchSearch(items, device), queries, masked, k_max, config.batch_size)
+            extra["index_recall"] = recall_against_exact(top_items, exact_items, sorted(config.k))
+            extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), sorted(config.k))
+        protocol["model"] = {"name": f"hllm ({meta.get('source', 'user llm')})", "user_llm": str(path),
+                             "fingerprint": folder_sha256(path)[:16], "max_len": max_len,
+                             "embeddings_version": root.name,
+                             "embeddings_model": json.loads((root / "manifest.json").read_text()).get(
+                                 "model_fingerprint", "")[:16]}
+        protocol["index"] = index_card
+        extra["popularity"] = metrics_from_ranks(floor_ranks, sorted(config.k))  # the floor, same users
+    reports = config.run / "reports"
+    stamp = _report_stamp(reports)
+    report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
+              "metrics": metrics_from_ranks(ranks, sorted(config.k)), "protocol": protocol, **extra,
+              "ranks_file": None}
+    if config.per_user_ranks:
+        ranks_path = reports / f"ranks-{stamp}.parquet"
+        frame = pl.DataFrame({"user_idx": examples.users, "target_item_idx": examples.targets, "rank": ranks,
+                              "history_length": np.diff(examples.history_offsets), "masked_items": masked.counts})
+        frame = frame.with_columns(pl.when(pl.col("rank") == MISS).then(None).otherwise(pl.col("rank")).alias("rank"))
+        with atomic_path(ranks_path) as tmp:
+            frame.write_parquet(tmp)
+        report["ranks_file"] = str(ranks_path)
+        report["ranks_note"] = f"rank is null when the target is not in the top {k_max} (a miss at every K)"
+    timings["total_s"] = time.perf_counter() - started
+    report["timings"] = {key: round(value, 3) for key, value in timings.items()}
+    write_json_atomic(reports / f"eval-{stamp}.json", report)
+    write_text_atomic(reports / f"eval-{stamp}.md", _markdown(report))
+    report["report_file"] = str(reports / f"eval-{stamp}.json")
+    return report
