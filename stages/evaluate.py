@@ -275,6 +275,9 @@ def run(config: EvalConfig, log=print) -> dict:
         model, meta = load_user_model(path, embeddings.embeddings)
         model.to(device)
         max_len = config.max_len or int(meta.get("max_len", 200))
+        trained_on = Path(meta.get("embeddings", root)).name
+        if trained_on != root.name:
+            log(f"note: {path} was trained on embeddings {trained_on}; evaluating it with {root.name}")
         timings["load_s"] = time.perf_counter() - started
         log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
             f"targets, histories of up to {max_len} items")

@@ -15,6 +15,7 @@ from conftest import make_cached_run, run_cli
 
 from pipeline import config as cfg
 from pipeline.cli import expand_multi_value_options
+from pipeline.errors import UserError
 from pipeline.metrics import MISS, metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.search import (
     FaissSearch,
@@ -258,6 +259,20 @@ def test_popularity_model_and_approximate_index_through_the_command(trained_run,
     assert set(hnsw["index_recall"]) == {"recall@1", "recall@10"}
     assert 0.9 <= hnsw["index_recall"]["recall@10"] <= 1.0  # 40 items: HNSW is all but exact
     assert "index recall against exact search" in evaluate.format_table(hnsw)
+
+
+def test_without_faiss_exact_search_falls_back_to_torch(trained_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    conf = evaluate.EvalConfig(run=run, data=trained_run["data"], k=(1, 10))
+    with_faiss = evaluate.run(conf, log=lambda _: None)
+    monkeypatch.setattr(evaluate, "import_faiss", lambda: None)
+    said = []
+    without = evaluate.run(conf, log=said.append)
+    assert without["protocol"]["index"]["backend"] == "torch" and any("faiss is not installed" in s for s in said)
+    assert without["metrics"] == with_faiss["metrics"]
+    with pytest.raises(UserError, match="needs faiss"):
+        evaluate.run(evaluate.EvalConfig(run=run, data=trained_run["data"], index="hnsw"), log=lambda _: None)
 
 
 @pytest.mark.parametrize("args, message", [
