@@ -64,11 +64,13 @@ eval: $(STAMP)
 refresh: $(STAMP)
 	@echo "refresh: batch refresh jobs are not built yet." >&2; exit 3
 
-# Benchmarks write JSON under bench/results/ (the embedding benchmark needs ML-1M: make data DATASET=ml-1m)
+# Benchmarks write JSON under bench/results/ (the embedding benchmark needs ML-1M: make data DATASET=ml-1m);
+# `hllm-pipeline bench train` and the GPU ones (embed-mfu) run on their own.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(MAKE) --no-print-directory data DATASET=ml-1m
 	$(CLI) bench embed --data artifacts/ml-1m/data --out bench/results/embed-cpu.json
+	$(CLI) bench search --out bench/results/search-cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
