@@ -124,7 +124,8 @@ def evaluate(
     index: Annotated[str | None, typer.Option(help="flat (exact), ivf or hnsw [default: flat].")] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder [default: artifacts/ml-100k].")] = None,
     model: Annotated[str | None, typer.Option(help="hllm or popularity [default: hllm].")] = None,
-    per_user_ranks: Annotated[bool, typer.Option(help="Also write each user's rank as Parquet.")] = False,
+    per_user_ranks: Annotated[bool | None, typer.Option("--per-user-ranks/--no-per-user-ranks",
+                                                        help="Also write each user's rank as Parquet.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
     show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
 ) -> None:
@@ -135,7 +136,7 @@ def evaluate(
         typer.echo(cfg.describe(stage.EvalConfig))
         return
     conf = cfg.load(stage.EvalConfig, config, overrides or [], k=k or None, split=split, mask_history=mask_history,
-                    index=index, run=run, model=model, per_user_ranks=per_user_ranks or None)
+                    index=index, run=run, model=model, per_user_ranks=per_user_ranks)
     report = stage.run(conf, log=_log)
     typer.echo(stage.format_table(report))
     typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
@@ -216,8 +217,10 @@ def bench_search(
 
 
 def expand_multi_value_options(args: list[str], options: tuple[str, ...] = ("--k",)) -> list[str]:
-    """`--k 10 50 200` -> `--k 10 --k 50 --k 200` (click options take one value each; settings never look like a
-    bare number, so the numbers after --k are its values)."""
+    """For `eval`: `--k 10 50 200` -> `--k 10 --k 50 --k 200` (click options take one value each; settings never
+    look like a bare number, so the numbers after --k are its values). Other commands' arguments are untouched."""
+    if not args or args[0] != "eval":
+        return list(args)
     out: list[str] = []
     current, given = None, False  # the option being read, and whether it got a value yet
     for arg in args:

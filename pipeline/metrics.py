@@ -67,7 +67,7 @@ def target_ranks(user_vecs: torch.Tensor, item_table: torch.Tensor, targets: np.
 def popularity_ranks(train_counts: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray],
                      mode: str = "full", window: int = 200, batch_size: int = 1024) -> np.ndarray:
     """Ranks under the popularity baseline: every user sees items ordered by training interaction count."""
-    counts = torch.as_tensor(train_counts, dtype=torch.float32)[None, :]  # (1, N+1)
+    counts = torch.as_tensor(train_counts, dtype=torch.float64)[None, :]  # (1, N+1), exact for any count
     ranks = np.empty(len(targets), dtype=np.int64)
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))

@@ -2,9 +2,11 @@
 
 Item vectors are L2-normalised, so inner product = cosine. Row r of an index holds item r + 1 (item 0 is padding
 and is never indexed). The items a user must not be shown (their history, as the protocol says) are removed
-after the search: each batch of users searches `k + (most masked items of a user in the batch)` deep, so a
+after the search: each batch of users searches `k + 1 + (most masked items of a user in the batch)` deep, so a
 history longer than k is fully masked, never truncated. Users are batched in order of their masked count to keep
-that depth small. Results are ordered by (score desc, item_idx asc), the order metrics.ranks_from_scores uses.
+that depth small. Results are ordered by (score desc, item_idx asc), the order metrics.ranks_from_scores uses;
+for exact searchers that holds across the cut too: where items tie with the last one returned (which a
+top-K routine keeps in no particular order), the batch is searched again deeper.
 """
 
 from __future__ import annotations
@@ -74,25 +76,28 @@ class Masked:
 class TorchSearch:
     """Exact search: one matmul and one top-K per batch of users, on CPU or GPU (no faiss needed)."""
 
-    kind, backend, exact = "flat", "torch", True
+    kind, backend, exact, ties_ordered = "flat", "torch", True, False
 
     def __init__(self, items: np.ndarray, device: str | torch.device = "cpu") -> None:
-        self.items = torch.from_numpy(items).to(device)  # (N, d), normalised
+        self.items = torch.from_numpy(np.ascontiguousarray(items, np.float32)).to(device)  # (N, d), normalised
         self.num_items = items.shape[0]
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (b, d) -> scores (b, depth) float32, item_idx (b, depth) int64, best first."""
-        scores = torch.from_numpy(queries).to(self.items.device) @ self.items.T  # (b, N)
+        queries = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.items.device)
+        scores = queries @ self.items.T  # (b, N)
         top = torch.topk(scores, depth, dim=1)
         return top.values.cpu().numpy(), top.indices.cpu().numpy() + 1
 
 
 class FaissSearch:
-    """A FAISS index over the normalised items (on the GPU too when faiss has one, for depths it supports)."""
+    """A FAISS index over the normalised items; with use_gpu, a GPU copy too when faiss has a GPU (used for the
+    depths and probe counts that faiss' GPU indexes support, the CPU index otherwise)."""
 
-    backend = "faiss"
+    backend, ties_ordered = "faiss", False
 
-    def __init__(self, index, kind: str, ivf_probe: int = 16, hnsw_ef_search: int = 256) -> None:
+    def __init__(self, index, kind: str, ivf_probe: int = 16, hnsw_ef_search: int = 256,
+                 use_gpu: bool = False) -> None:
         faiss = import_faiss()
         self.index, self.kind, self.exact = index, kind, kind == "flat"
         self.num_items = index.ntotal
@@ -100,7 +105,8 @@ class FaissSearch:
         if kind == "ivf":
             index.nprobe = ivf_probe
         self.gpu_index = None
-        if kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        gpu_ok = kind == "flat" or (kind == "ivf" and ivf_probe <= GPU_MAX_K)  # no HNSW on GPU
+        if use_gpu and gpu_ok and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self.gpu_resources = faiss.StandardGpuResources()
             self.gpu_index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
 
@@ -108,20 +114,20 @@ class FaissSearch:
         index = self.gpu_index if self.gpu_index is not None and depth <= GPU_MAX_K else self.index
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.hnsw_ef_search, depth)  # HNSW finds at most efSearch results
-        scores, labels = index.search(queries, depth)
+        scores, labels = index.search(np.ascontiguousarray(queries, np.float32), depth)
         return scores, labels.astype(np.int64) + 1  # label -1 (nothing found) becomes 0, dropped later
 
 
 class PopularitySearch:
     """The popularity baseline as a search: every user gets the items by training count (ties by item_idx)."""
 
-    kind, backend, exact = "popularity", "numpy", True
+    kind, backend, exact, ties_ordered = "popularity", "numpy", True, True  # the order already breaks ties
 
     def __init__(self, counts: np.ndarray) -> None:
         counts = np.asarray(counts, dtype=np.int64)[1:]  # (N,) items 1..N
         self.num_items = len(counts)
         self.order = np.lexsort((np.arange(self.num_items), -counts)) + 1  # item_idx, most popular first
-        self.scores = counts[self.order - 1].astype(np.float32)
+        self.scores = counts[self.order - 1].astype(np.float64)  # exact for any count
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         b = len(queries)
@@ -161,7 +167,7 @@ def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, iv
         index = faiss.read_index(str(path))
         if index.ntotal == items.shape[0] and index.d == items.shape[1]:
             log(f"index: reusing {path}")
-            return index, {"path": str(path), "reused": True, "load_s": round(time.perf_counter() - start, 3)}
+            return index, {"path": str(path), "reused": True, "seconds": round(time.perf_counter() - start, 3)}
     start = time.perf_counter()
     index = build_faiss_index(items, kind, ivf_lists, hnsw_m, seed)
     seconds = time.perf_counter() - start
@@ -171,34 +177,49 @@ def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, iv
             faiss.write_index(index, str(tmp))
         write_json_atomic(folder / f"{name}.json", {"kind": kind, "key": key, "items": int(items.shape[0]),
                                                      "dim": int(items.shape[1]), "faiss": faiss.__version__})
-    return index, {"path": str(path) if save else None, "reused": False, "build_s": round(seconds, 3)}
+    return index, {"path": str(path) if save else None, "reused": False, "seconds": round(seconds, 3)}
 
 
 def masked_topk(searcher, queries: np.ndarray, masked: Masked, k: int, batch_size: int = 1024
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's top-k items with padding and their masked items removed, best first.
 
-    Returns scores (U, k) float32 and item_idx (U, k) int64; slots with no item (k > what is left) hold 0 and
-    -inf. One search call per batch of users, never one per user.
+    Returns scores (U, k) and item_idx (U, k) int64; slots with no item (k > what is left) hold 0 and -inf.
+    One search call per batch of users (two or more only where ties straddle the cut), never one per user.
     """
     n_users, n_items = len(queries), searcher.num_items
     counts = masked.counts
-    out_scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    if len(counts) != n_users:
+        raise ValueError(f"{n_users} queries but masked items for {len(counts)} users")
+    out_scores = np.full((n_users, k), -np.inf)
     out_items = np.zeros((n_users, k), dtype=np.int64)
     order = np.argsort(counts, kind="stable")  # similar masked counts share a batch, so depth stays small
     for start in range(0, n_users, batch_size):
         users = order[start:start + batch_size]
-        depth = min(n_items, k + int(counts[users].max(initial=0)))
-        scores, items = searcher.search(np.ascontiguousarray(queries[users]), depth)  # (b, depth)
         rows, masked_items = masked.rows(users)
         stride = n_items + 1
-        hidden = np.isin(np.arange(len(users))[:, None] * stride + items, rows * stride + masked_items)
-        keep = (items > 0) & ~hidden
-        # kept results first, by (score desc, item_idx asc); masked and empty slots last
-        best = np.lexsort((items, -scores, ~keep), axis=1)[:, :k]  # (b, min(k, depth))
-        taken = np.take_along_axis(keep, best, 1)
+        masked_keys = rows * stride + masked_items
+        # one more than k + masked, so that without ties the last result returned is never one of the k kept
+        depth = min(n_items, k + int(counts[users].max(initial=0)) + 1)
+        while True:
+            scores, items = searcher.search(queries[users], depth)  # (b, depth)
+            hidden = np.isin(np.arange(len(users))[:, None] * stride + items, masked_keys)
+            keep = (items > 0) & ~hidden
+            # kept results first, by (score desc, item_idx asc); masked and empty slots last
+            best = np.lexsort((items, -scores, ~keep), axis=1)[:, :k]  # (b, min(k, depth))
+            taken = np.take_along_axis(keep, best, 1)
+            best_scores = np.where(taken, np.take_along_axis(scores, best, 1), -np.inf)
+            if not searcher.exact or searcher.ties_ordered or depth >= n_items:
+                break
+            # items scoring the same as the last one returned may have been cut in any order: when that score
+            # reaches into the kept top k (or fewer than k were kept), look deeper
+            lowest_returned = scores[:, -1]
+            unsure = (taken.sum(1) < min(k, depth)) | (best_scores[:, -1] <= lowest_returned)
+            if not unsure.any():
+                break
+            depth = min(n_items, 2 * depth)
         width = best.shape[1]
-        out_scores[users, :width] = np.where(taken, np.take_along_axis(scores, best, 1), -np.inf)
+        out_scores[users, :width] = best_scores
         out_items[users, :width] = np.where(taken, np.take_along_axis(items, best, 1), 0)
     return out_scores, out_items
 

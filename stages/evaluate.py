@@ -96,6 +96,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.k or any(k < 1 for k in self.k):
             raise ConfigError(f"k={list(self.k)}: give one or more positive cut-offs, e.g. --k 10 50 200")
+        object.__setattr__(self, "k", tuple(sorted(set(self.k))))  # each K once, ascending
         for name in ("window", "batch_size", "ivf_probe", "hnsw_m", "hnsw_ef_search"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -188,9 +189,10 @@ def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, dev
            "kind": config.index, **build_settings}
     index, info = cached_faiss_index(items, config.index, index_folder, key, lists, config.hnsw_m, config.seed,
                                      save=config.save_index, log=log)
-    searcher = FaissSearch(index, config.index, config.ivf_probe, config.hnsw_ef_search)
+    searcher = FaissSearch(index, config.index, config.ivf_probe, config.hnsw_ef_search,
+                           use_gpu=device.type == "cuda")
     search_settings = {"ivf_probe": config.ivf_probe} if config.index == "ivf" else (
-        {"hnsw_ef_search": config.hnsw_ef_search} if config.index == "hnsw" else {})
+        {"hnsw_ef_search": f"max({config.hnsw_ef_search}, search depth)"} if config.index == "hnsw" else {})
     kind = "exact" if config.index == "flat" else "approximate"
     faiss_index = {"flat": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}[config.index]
     card = {"type": kind, "backend": "faiss", "faiss_index": faiss_index,
@@ -228,13 +230,21 @@ def format_table(report: dict) -> str:
 
 
 def _markdown(report: dict) -> str:
+    """The report as Markdown: one row per K with every metric set it holds, then the protocol card."""
     p = report["protocol"]
-    rows = [f"| {k} | {report['metrics'][f'recall@{k}']:.4f} | {report['metrics'][f'ndcg@{k}']:.4f} |"
-            for k in p["k"]]
+    sets = dict([("", report["metrics"])] + [(f"{name} ", report[key]) for name, key in (
+        ("popularity", "popularity"), ("exact", "exact_metrics"), ("index recall vs exact", "index_recall"))
+        if key in report])
+    columns = [(label, metric) for label, values in sets.items() for metric in ("recall", "ndcg")
+               if f"{metric}@{p['k'][0]}" in values]
+    lines = ["| K | " + " | ".join(f"{label}{metric}@K" for label, metric in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for k in p["k"]:
+        lines.append(f"| {k} | " + " | ".join(f"{sets[label][f'{metric}@{k}']:.4f}" for label, metric in columns)
+                     + " |")
     card = "\n".join(f"- {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in p.items())
-    header = (f"# Evaluation {report['created']}\n\n{report['users']:,} users.\n\n"
-              "| K | Recall@K | NDCG@K |\n|---|---|---|\n")
-    return header + "\n".join(rows) + f"\n\nProtocol:\n\n{card}\n"
+    return (f"# Evaluation {report['created']}\n\n{report['users']:,} users.\n\n" + "\n".join(lines)
+            + f"\n\nProtocol:\n\n{card}\n")
 
 
 def run(config: EvalConfig, log=print) -> dict:
@@ -245,7 +255,8 @@ def run(config: EvalConfig, log=print) -> dict:
     seqs = UserSequences.load(data)
     examples = eval_examples(seqs, config.split)
     if len(examples) == 0:
-        raise UserError(f"{data}: no user has a {config.split} target (each needs 3 or more interactions)")
+        need = 2 if config.split == "test" else 3
+        raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
     masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
                                    config.window)
     train_counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
@@ -255,7 +266,9 @@ def run(config: EvalConfig, log=print) -> dict:
     protocol = {"dataset": dataset, "data": str(data), "items": seqs.num_items, "split": config.split,
                 "mask_history": config.mask_history, **({"window": config.window} if config.mask_history == "window"
                                                        else {}),
-                "k": sorted(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
+                "k": list(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
+    if max(config.k) > seqs.num_items:
+        protocol["note"] = f"K above the catalogue size ({seqs.num_items}): every item fits in the top K"
     popularity = PopularitySearch(train_counts)
     floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), masked, k_max,
                                             config.batch_size)[1], examples.targets)
@@ -285,6 +298,8 @@ def run(config: EvalConfig, log=print) -> dict:
         queries = user_vectors(model, examples, max_len, meta.get("time_precision", "second"), device)
         timings["user_vectors_s"] = time.perf_counter() - start
         items = normalise(model.item_table()[1:].cpu())  # (N, D) items 1..N
+        if not np.isfinite(items).all():
+            raise UserError(f"{root}: the item vectors hold NaN or infinite values; embed the catalogue again")
         start = time.perf_counter()
         searcher, index_card = make_searcher(config, items, root / "index", device, log=log)
         timings["index_s"] = time.perf_counter() - start
@@ -295,19 +310,21 @@ def run(config: EvalConfig, log=print) -> dict:
         ranks = ranks_in_topk(top_items, examples.targets)
         if not searcher.exact:
             _, exact_items = masked_topk(TorchSearch(items, device), queries, masked, k_max, config.batch_size)
-            extra["index_recall"] = recall_against_exact(top_items, exact_items, sorted(config.k))
-            extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), sorted(config.k))
+            extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
+            extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
         protocol["model"] = {"name": f"hllm ({meta.get('source', 'user llm')})", "user_llm": str(path),
                              "fingerprint": folder_sha256(path)[:16], "max_len": max_len,
                              "embeddings_version": root.name,
                              "embeddings_model": json.loads((root / "manifest.json").read_text()).get(
                                  "model_fingerprint", "")[:16]}
         protocol["index"] = index_card
-        extra["popularity"] = metrics_from_ranks(floor_ranks, sorted(config.k))  # the floor, same users
+        if index_card["type"] == "approximate":
+            protocol["ranking"] += "; approximate index: see index_recall and exact_metrics"
+        extra["popularity"] = metrics_from_ranks(floor_ranks, config.k)  # the floor, same users
     reports = config.run / "reports"
     stamp = _report_stamp(reports)
     report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
-              "metrics": metrics_from_ranks(ranks, sorted(config.k)), "protocol": protocol, **extra,
+              "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
               "ranks_file": None}
     if config.per_user_ranks:
         ranks_path = reports / f"ranks-{stamp}.parquet"

@@ -138,6 +138,28 @@ def test_faiss_and_torch_give_the_same_rankings_as_full_ranking(random_case, mod
     assert (topk_ranks != MISS).sum() > 10  # the comparison covered real hits
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_ties_across_the_cut_still_go_to_the_lowest_item_idx(backend):
+    """Duplicate item vectors (same text) tie exactly; top-K routines cut such ties in any order."""
+    rng = np.random.default_rng(3)
+    groups = normalise(rng.normal(size=(3, 8)))
+    items = groups[rng.integers(0, 3, 700)]  # 700 items, three distinct vectors
+    queries = normalise(rng.normal(size=(40, 8)))
+    histories = [list(rng.choice(np.arange(1, 701), size=n, replace=False)) for n in rng.integers(0, 30, 40)]
+    targets = rng.integers(1, 701, 40)
+    masked = Masked.from_histories(*csr(histories), "full")
+    searcher = TorchSearch(items) if backend == "torch" else FaissSearch(build_faiss_index(items, "flat", 1, 32, 0),
+                                                                          "flat")
+    table = torch.from_numpy(np.vstack([np.zeros((1, 8), np.float32), items]))
+    reference = target_ranks(torch.from_numpy(queries), table, targets, [np.array(h) for h in histories], "full")
+    for k in (10, 79, 250):
+        _, top = masked_topk(searcher, queries, masked, k, batch_size=16)
+        assert np.array_equal(np.where(reference <= k, reference, MISS), ranks_in_topk(top, targets)), k
+        for row in top:  # within a tie the items run in ascending item_idx
+            same = np.all(items[row - 1][1:] == items[row - 1][:-1], axis=1)
+            assert np.all(row[1:][same] > row[:-1][same])
+
+
 def test_popularity_search_matches_the_full_ranking_reference(random_case):
     c = random_case
     counts = np.random.default_rng(2).integers(0, 5, 501)  # many ties
@@ -194,6 +216,9 @@ def test_k_option_takes_several_values():
     assert expand_multi_value_options(["eval", "--k", "10", "50", "200", "--split", "valid", "index=hnsw"]) == [
         "eval", "--k", "10", "--k", "50", "--k", "200", "--split", "valid", "index=hnsw"]
     assert expand_multi_value_options(["eval", "--k"]) == ["eval", "--k"]
+    # only eval's --k takes several values: bench search --k is one number
+    assert expand_multi_value_options(["bench", "search", "--k", "10", "50"]) == ["bench", "search", "--k", "10", "50"]
+    assert evaluate.EvalConfig(k=(200, 10, 10, 50)).k == (10, 50, 200)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,16 +257,17 @@ def test_eval_command_reports_metrics_protocol_and_ranks(trained_run, tmp_path):
     assert ranks.columns == ["user_idx", "target_item_idx", "rank", "history_length", "masked_items"]
     recomputed = metrics_from_ranks(ranks["rank"].fill_null(MISS).to_numpy(), (1, 5, 10))
     assert recomputed == pytest.approx(report["metrics"])
-    assert Path(report["report_file"] if "report_file" in report else lines[-1].split()[1]).with_suffix(
-        ".md").is_file()
+    assert Path(lines[-1].split()[1]).with_suffix(".md").is_file()
 
     again = run_cli("eval", "--k", "1", "5", "10", "--run", str(run), f"data={trained_run['data']}")
     second = json.loads(Path(again.stdout.splitlines()[-1].split()[1]).read_text())
     assert second["protocol"]["index"]["reused"] is True and second["metrics"] == report["metrics"]
+    (tmp_path / "eval.yaml").write_text("per_user_ranks: true\nsearch: torch\n")
     with_torch = run_cli("eval", "--k", "1", "5", "10", "--run", str(run), f"data={trained_run['data']}",
-                         "search=torch")
+                         "--config", str(tmp_path / "eval.yaml"), "--no-per-user-ranks")
     third = json.loads(Path(with_torch.stdout.splitlines()[-1].split()[1]).read_text())
     assert third["protocol"]["index"]["backend"] == "torch" and third["metrics"] == report["metrics"]
+    assert third["ranks_file"] is None  # the command line wins over the YAML file
 
 
 def test_popularity_model_and_approximate_index_through_the_command(trained_run, tmp_path):
@@ -279,6 +305,7 @@ def test_without_faiss_exact_search_falls_back_to_torch(trained_run, tmp_path, m
     (["--k", "0"], "k=[0]: give one or more positive cut-offs"),
     (["--index", "hnsw", "search=torch"], "search=torch serves exact search only"),
     (["--mask-history", "most"], "mask_history"),
+    (["device=gpu"], "device=gpu: use auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_eval_settings_are_one_line_errors(trained_run, args, message):
     done = run_cli("eval", "--run", str(trained_run["run"]), f"data={trained_run['data']}", *args)

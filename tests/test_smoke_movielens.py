@@ -105,3 +105,26 @@ def test_real_minilm_embeds_every_ml100k_item_once(prepared, tmp_path):
     assert table.embeddings[1:].norm(dim=1).min() > 0
     ids = pl.read_parquet(out / "embeddings" / version / "items.parquet")["item_idx"].to_list()
     assert sorted(ids) == list(range(1, 1683))
+
+
+@pytest.mark.parametrize("mode", ["full", "window"])
+def test_eval_popularity_on_real_ml1m_matches_the_full_ranking_reference(prepared, tmp_path, mode):
+    """The eval command's top-K path against metrics.py's full ranking, on real histories (up to 2,314 items)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.metrics import metrics_from_ranks, popularity_ranks
+
+    _, data, _ = prepared["ml-1m"]
+    done = run_cli("eval", "--model", "popularity", "--k", "10", "50", "200", "--mask-history", mode,
+                   "--run", str(tmp_path / "run"), f"data={data}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(done.stdout.splitlines()[-1].split()[1]).read_text())
+    assert report["users"] == 6040 and report["protocol"]["items"] == 3883
+    seqs = UserSequences.load(data)
+    examples = eval_examples(seqs, "test")
+    counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
+    reference = popularity_ranks(counts, examples.targets, [examples.history(i) for i in range(len(examples))],
+                                 mode, window=200)
+    assert report["metrics"] == pytest.approx(metrics_from_ranks(reference, (10, 50, 200)))
