@@ -60,6 +60,13 @@ class ItemLLM(nn.Module):
         return self.proj(emb) if self.proj is not None else emb  # (B, D)
 
 
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] with a deterministic backward. Plain indexing accumulates the gradient of repeated rows with
+    a multithreaded CPU kernel whose float sums depend on thread timing (for 32,768+ elements), which made stage
+    one differ from run to run; the embedding backward sums in a fixed order."""
+    return F.embedding(index, table)
+
+
 class UserLLM(nn.Module):
     """A causal decoder over item embeddings (its word embeddings are unused): output i predicts item i+1."""
 
@@ -169,12 +176,12 @@ class HLLM(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
         unique = self.encode_items(batch["chunks"])  # (U, D)
-        seq = unique[batch["seq_index"]]  # (B, L+1, D)
+        seq = gather_rows(unique, batch["seq_index"])  # (B, L+1, D)
         seq_ids = batch["seq_ids"]  # (B, L+1)
         inputs, input_mask = seq[:, :-1], (seq_ids[:, :-1] > 0)  # (B, L, D), (B, L)
         out = self.user_llm(inputs, input_mask.long())  # (B, L, D)
         valid = input_mask & (seq_ids[:, 1:] > 0)  # (B, L)
-        negatives = unique[batch["neg_index"]]  # (k, D)
+        negatives = gather_rows(unique, batch["neg_index"])  # (k, D)
         if gather_negatives is not None:
             negatives = gather_negatives(negatives)  # (K, D)
         return nce_loss(out[valid], seq[:, 1:][valid], seq_ids[:, 1:][valid], negatives, batch["negative_ids"],
