@@ -325,14 +325,22 @@ def bench_search(out: Path, users: int = 10_000, items: int = 200_000, dim: int 
                  batch_size: int = 1024, loop_users: int = 500, seed: int = 0, log=print) -> dict:
     """Users/s of exact top-K search over synthetic normalised vectors: FAISS IndexFlatIP and torch matmul+top-K
     (both through the eval path, masked_topk), against a per-user numpy loop, checking they return the same top-K."""
-    from pipeline.search import FaissSearch, Masked, TorchSearch, build_faiss_index, import_faiss, masked_topk
+    from pipeline.search import (
+        FaissSearch,
+        Masked,
+        TorchSearch,
+        build_faiss_index,
+        import_faiss,
+        masked_topk,
+        normalise,
+    )
 
     if min(users, items, dim, k, batch_size, loop_users) < 1 or k > items:
         raise UserError("bench search: --users, --items, --dim, --k, --batch-size and --loop-users must be >= 1, "
                         "and --k at most --items")
     rng = np.random.default_rng(seed)
-    item_vecs = F.normalize(torch.from_numpy(rng.standard_normal((items, dim), dtype=np.float32)), dim=-1).numpy()
-    queries = F.normalize(torch.from_numpy(rng.standard_normal((users, dim), dtype=np.float32)), dim=-1).numpy()
+    item_vecs = normalise(rng.standard_normal((items, dim), dtype=np.float32))
+    queries = normalise(rng.standard_normal((users, dim), dtype=np.float32))
     no_mask = Masked(np.zeros(users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
     paths: dict[str, dict] = {}
     tops: dict[str, np.ndarray] = {}

@@ -33,6 +33,11 @@ def folder_sha256(folder: str | os.PathLike, skip: tuple[str, ...] = ("config.ya
     return digest.hexdigest()
 
 
+def fingerprint(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (settings, identities)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -10,21 +10,19 @@ along, so a run resumed at step s continues exactly as the uninterrupted run wou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, fingerprint
 
 
 @dataclass
@@ -86,10 +84,6 @@ def lr_lambda(total: int, warmup: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def device_of(name: str) -> torch.device:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.data.sequences import concat_ranges
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path, fingerprint, write_json_atomic
 from pipeline.metrics import MISS
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -157,8 +157,6 @@ def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, iv
                        seed: int, save: bool = True, log=print) -> tuple[object, dict]:
     """Load the index saved under `folder` for exactly `key` (the item vectors and build settings), or build it
     (and save it atomically). Returns (index, {"path", "reused", "build_s"})."""
-    from pipeline.loop import fingerprint
-
     faiss = import_faiss()
     name = f"{kind}-{fingerprint(key)}"
     path = folder / f"{name}.faiss"

@@ -30,14 +30,13 @@ from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import folder_sha256, sha256_file, write_text_atomic
+from pipeline.io import fingerprint, folder_sha256, sha256_file, write_text_atomic
 from pipeline.loop import (
     LoopTask,
     StepBatch,
     check_loop_settings,
     device_of,
     distributed_state,
-    fingerprint,
     train_loop,
 )
 from pipeline.models import build

@@ -129,10 +129,8 @@ def load_user_model(path: Path, table: torch.Tensor) -> tuple[CachedUserModel, d
                         "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
     model = CachedUserModel(table, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
                             meta.get("adapter", False))
-    if (path / "user_head.safetensors").is_file():
-        from stages.train_user import load_user_model as load_head
-
-        load_head(model, path)
+    if (path / "user_head.safetensors").is_file():  # stage two's extra inputs (stage one has none)
+        build.load_user_head(model, path)
     return model.eval(), meta
 
 

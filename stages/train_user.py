@@ -16,13 +16,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline import config as cfg
 from pipeline.data.sequences import UserSequences, eval_examples, training_windows
 from pipeline.embeddings.store import load_embeddings, version_root
 from pipeline.errors import UserError
-from pipeline.io import atomic_dir, sha256_file
+from pipeline.io import sha256_file
 from pipeline.loop import LoopTask, StepBatch, check_loop_settings, device_of, distributed_state, train_loop
 from pipeline.metrics import metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.models import build
@@ -144,19 +143,9 @@ def build_model(config: TrainUserConfig, table: torch.Tensor, log=print) -> Cach
     return model
 
 
-def save_user_model(model: CachedUserModel, path: Path, meta: dict) -> None:
-    """The User LLM as a Hugging Face directory plus its extra inputs, atomically."""
-    with atomic_dir(path) as out:
-        model.user_llm.backbone.save_pretrained(out)
-        extras = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                  if not k.startswith("user_llm.")}
-        save_file(extras, str(out / "user_head.safetensors"))
-        (out / "user_llm.json").write_text(json.dumps(meta, indent=2))
-
-
 def load_user_model(model: CachedUserModel, path: Path) -> None:
     model.user_llm.load_state_dict(build.load_user_llm(path).state_dict())
-    model.load_state_dict(load_file(str(path / "user_head.safetensors")), strict=False)
+    build.load_user_head(model, path)
 
 
 def _times(timestamps: np.ndarray, precision: str) -> torch.Tensor:
@@ -226,7 +215,7 @@ def run(config: TrainUserConfig, log=print) -> Path:
             "max_len": t.max_len}
 
     def save_best(unwrapped: CachedUserModel) -> None:
-        save_user_model(unwrapped, run_dir / "best", {**meta, "logit_scale": unwrapped.logit_scale.item()})
+        build.save_user_head(unwrapped, run_dir / "best", {**meta, "logit_scale": unwrapped.logit_scale.item()})
 
     user_params = sum(p.numel() for n, p in model.user_llm.named_parameters() if "embed" not in n)
     task = LoopTask(
@@ -248,7 +237,7 @@ def run(config: TrainUserConfig, log=print) -> Path:
     out = config.run / "user_llm"
     state = distributed_state(device)
     if state.is_main_process:  # one writer: every process holds the same weights
-        save_user_model(model, out, {**meta, "logit_scale": model.logit_scale.item(), "time_fields": TIME_FIELDS})
+        build.save_user_head(model, out, {**meta, "logit_scale": model.logit_scale.item(), "time_fields": TIME_FIELDS})
         cfg.save(config, out / "config.yaml")
         log(f"User LLM written to {out}")
     state.wait_for_everyone()

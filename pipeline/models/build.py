@@ -142,6 +142,22 @@ def save_user_llm(user_llm: UserLLM, path: Path, meta: dict) -> None:
         (out / "user_llm.json").write_text(json.dumps(meta, indent=2))
 
 
+def save_user_head(model: nn.Module, path: Path, meta: dict) -> None:
+    """Stage two's User LLM (a CachedUserModel) as a Hugging Face directory plus its extra inputs
+    (user_head.safetensors: time/ID embeddings, adapter, logit scale) and user_llm.json, atomically."""
+    with atomic_dir(path) as out:
+        model.user_llm.backbone.save_pretrained(out)
+        extras = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                  if not k.startswith("user_llm.")}
+        save_file(extras, str(out / "user_head.safetensors"))
+        (out / "user_llm.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_user_head(model: nn.Module, path: Path) -> None:
+    """Load the extra inputs saved by save_user_head into a CachedUserModel (its User LLM is loaded apart)."""
+    model.load_state_dict(load_file(str(path / "user_head.safetensors")), strict=False)
+
+
 def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
     from transformers import AutoModel
 
