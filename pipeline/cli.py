@@ -1,18 +1,30 @@
-"""The `hllm-pipeline` command line. Each command is a thin shell over one typed stage function.
+"""The `hllm-pipeline` command line. Each stage command is generated from its stage's config dataclass and calls
+its typed `run(config)`: settings are `key=value` arguments (every field, sections as `section.key`), `--config
+FILE` reads a YAML snapshot under them, `--show-settings` lists them all, and a few common fields also have
+`--options`. Adding a setting to a config adds it to the command.
 
-User errors (bad input, bad settings) print one line and exit with code 2; bugs keep their traceback.
+User errors (bad input, bad settings, bad command lines) print one line and exit with code 2; bugs keep their
+traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from pipeline import config as cfg
 from pipeline.errors import UserError
+from stages import embed_items as stage_one
+from stages import evaluate as stage_eval
+from stages import prepare as stage_prepare
+from stages import train_user as stage_two
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="HLLM sequential recommendation: data -> item embeddings -> user model -> evaluation.")
@@ -35,26 +47,6 @@ def data_fetch(
 
     record = fetch(name, dest or Path("artifacts/raw") / name, force=force, log=_log)
     typer.echo(f"{name}: {record['source']} -> {dest or Path('artifacts/raw') / name}")
-
-
-@data_app.command("prepare", context_settings={"allow_extra_args": False})
-def data_prepare(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value (see --show-settings).")] = None,
-    format: Annotated[str | None,
-                      typer.Option("--format", help="movielens, hllm-csv, amazon-books or pixelrec.")] = None,
-    source: Annotated[Path | None, typer.Option(help="Interactions file or dataset folder.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder, e.g. artifacts/ml-1m/data.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
-    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
-) -> None:
-    """Turn raw data into items/interactions/users/rejected.parquet and stats.json."""
-    from stages import prepare
-
-    if show_settings:
-        typer.echo(cfg.describe(prepare.PrepareConfig))
-        return
-    conf = cfg.load(prepare.PrepareConfig, config, overrides or [], format=format, source=source, out=out)
-    prepare.run(conf, log=typer.echo)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Model presets that work offline.")
@@ -80,69 +72,6 @@ def models_list() -> None:
     typer.echo(describe_presets())
 
 
-@app.command("embed-items")
-def embed_items(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. train.epochs=2.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
-    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
-) -> None:
-    """Stage one: fine-tune the Item LLM with a User LLM, then embed the whole catalogue into shards."""
-    from stages import embed_items as stage
-
-    if show_settings:
-        for cls, prefix in ((stage.EmbedItemsConfig, ""), (stage.ModelConfig, "model."),
-                            (stage.TrainConfig, "train."), (stage.EmbedConfig, "embed.")):
-            typer.echo("\n".join(prefix + line for line in cfg.describe(cls).splitlines()))
-        return
-    conf = cfg.load(stage.EmbedItemsConfig, config, overrides or [])
-    stage.run(conf, log=_log)
-
-
-@app.command("train-user")
-def train_user(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. train.epochs=5.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
-    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
-) -> None:
-    """Stage two: train only the User LLM on the cached item embeddings, with long sequences."""
-    from stages import train_user as stage
-
-    if show_settings:
-        for cls, prefix in ((stage.TrainUserConfig, ""), (stage.UserModelConfig, "model."),
-                            (stage.UserTrainConfig, "train.")):
-            typer.echo("\n".join(prefix + line for line in cfg.describe(cls).splitlines()))
-        return
-    stage.run(cfg.load(stage.TrainUserConfig, config, overrides or []), log=_log)
-
-
-@app.command("eval")
-def evaluate(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. index=hnsw.")] = None,
-    k: Annotated[list[int] | None, typer.Option("--k", help="Cut-offs: --k 10 50 200 [default: 10 50 200].")] = None,
-    split: Annotated[str | None, typer.Option(help="test or valid [default: test].")] = None,
-    mask_history: Annotated[str | None, typer.Option(help="full, window or none [default: full].")] = None,
-    index: Annotated[str | None, typer.Option(help="flat (exact), ivf or hnsw [default: flat].")] = None,
-    run: Annotated[Path | None, typer.Option(help="Run folder [default: artifacts/ml-100k].")] = None,
-    model: Annotated[str | None, typer.Option(help="hllm or popularity [default: hllm].")] = None,
-    per_user_ranks: Annotated[bool | None, typer.Option("--per-user-ranks/--no-per-user-ranks",
-                                                        help="Also write each user's rank as Parquet.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of settings (overrides come on top).")] = None,
-    show_settings: Annotated[bool, typer.Option(help="List every setting with its meaning, then exit.")] = False,
-) -> None:
-    """Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and NDCG@K."""
-    from stages import evaluate as stage
-
-    if show_settings:
-        typer.echo(cfg.describe(stage.EvalConfig))
-        return
-    conf = cfg.load(stage.EvalConfig, config, overrides or [], k=k or None, split=split, mask_history=mask_history,
-                    index=index, run=run, model=model, per_user_ranks=per_user_ranks)
-    report = stage.run(conf, log=_log)
-    typer.echo(stage.format_table(report))
-    typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
-                                                      else ""))
-
-
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
 app.add_typer(bench_app, name="bench")
 
@@ -158,7 +87,7 @@ def bench_embed(
     repeats: Annotated[int, typer.Option(help="Timed runs per path (the best counts).")] = 2,
 ) -> None:
     """Items/s and tokens/s of the embedding job against a padded loop and sentence-transformers."""
-    from pipeline.bench import bench_embed as run_bench
+    from bench.benchmarks import bench_embed as run_bench
 
     if not (data / "items.parquet").is_file():
         raise UserError(f"{data}: no items.parquet; run `make data DATASET=ml-1m` first")
@@ -176,7 +105,7 @@ def bench_embed_mfu(
     peak_tflops: Annotated[float | None, typer.Option(help="Peak for the MFU [default: known GPUs' bf16].")] = None,
 ) -> None:
     """Tokens/s and MFU of the Item LLM forward at a real model size (bf16 on GPU)."""
-    from pipeline.bench import bench_embed_mfu as run_bench
+    from bench.benchmarks import bench_embed_mfu as run_bench
 
     run_bench(shape, out or Path(f"bench/results/embed-mfu-{shape}.json"), text_tokens, batch_tokens, iterations,
               peak_tflops, log=_log)
@@ -194,7 +123,7 @@ def bench_train(
     peak_tflops: Annotated[float | None, typer.Option(help="Peak for the MFU [default: known GPUs' bf16].")] = None,
 ) -> None:
     """Tokens/s and peak memory of User LLM training at several lengths, SDPA against eager attention."""
-    from pipeline.bench import bench_train as run_bench
+    from bench.benchmarks import bench_train as run_bench
 
     run_bench(shape, out or Path(f"bench/results/train-{shape}.json"), tuple(lengths or (256, 1024, 4096)),
               batch_positions, steps, peak_tflops=peak_tflops, log=_log)
@@ -211,16 +140,107 @@ def bench_search(
     loop_users: Annotated[int, typer.Option(help="Users the per-user reference loop times (it is slow).")] = 500,
 ) -> None:
     """Users/s of exact top-K search (synthetic vectors): FAISS and torch against a per-user loop."""
-    from pipeline.bench import bench_search as run_bench
+    from bench.benchmarks import bench_search as run_bench
 
     run_bench(out, users, items, dim, k, batch_size, loop_users, log=_log)
 
 
-def expand_multi_value_options(args: list[str], options: tuple[str, ...] = ("--k",)) -> list[str]:
-    """For `eval`: `--k 10 50 200` -> `--k 10 --k 50 --k 200` (click options take one value each; settings never
-    look like a bare number, so the numbers after --k are its values). Other commands' arguments are untouched."""
-    if not args or args[0] != "eval":
+# ---------------------------------------------------------------------------------------------------------------
+# Stage commands, generated from the config dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCommand:
+    name: str
+    config: type
+    """The stage's config dataclass."""
+    run: Callable
+    """Takes the resolved config; runs the stage and prints its result."""
+    help: str
+    options: tuple[str, ...] = ()
+    """Top-level fields that also get an --option (the rest are key=value)."""
+
+
+def _run_prepare(conf) -> None:
+    stage_prepare.run(conf, log=typer.echo)
+
+
+def _run_eval(conf) -> None:
+    report = stage_eval.run(conf, log=_log)
+    typer.echo(stage_eval.format_table(report))
+    typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
+                                                      else ""))
+
+
+STAGES = {
+    "prepare": StageCommand("prepare", stage_prepare.PrepareConfig, _run_prepare,
+                            "Turn raw data into items/interactions/users/rejected.parquet and stats.json.",
+                            ("format", "source", "out")),
+    "embed-items": StageCommand("embed-items", stage_one.EmbedItemsConfig,
+                                lambda conf: stage_one.run(conf, log=_log),
+                                "Stage one: fine-tune the Item LLM with a User LLM, then embed the whole catalogue "
+                                "into shards."),
+    "train-user": StageCommand("train-user", stage_two.TrainUserConfig, lambda conf: stage_two.run(conf, log=_log),
+                               "Stage two: train only the User LLM on the cached item embeddings, with long "
+                               "sequences."),
+    "eval": StageCommand("eval", stage_eval.EvalConfig, _run_eval,
+                         "Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and "
+                         "NDCG@K.", ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks")),
+}
+
+
+def _option(field: dataclasses.Field, hint, doc: str) -> click.Option:
+    """An --option for a config field. Values stay text: the config layer coerces and validates them, so an
+    option and its key=value form give the same errors."""
+    flag = "--" + field.name.replace("_", "-")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    shown = f" [default: {cfg.to_dict(default) if default is not None else 'required'}]"
+    if hint is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=None, help=doc + shown)
+    if typing.get_origin(hint) is tuple:
+        return click.Option([flag, field.name], multiple=True, help=f"{doc} Several values: {flag} A B C.{shown}")
+    return click.Option([flag, field.name], default=None, help=doc + shown)
+
+
+def stage_command(spec: StageCommand) -> click.Command:
+    hints = typing.get_type_hints(spec.config)
+    docs = cfg.field_docs(spec.config)
+    fields = {f.name: f for f in dataclasses.fields(spec.config)}
+    params = [click.Argument(["overrides"], nargs=-1),
+              click.Option(["--config"], type=click.Path(path_type=Path), help="YAML file of settings (key=value "
+                           "arguments and options come on top)."),
+              click.Option(["--show-settings"], is_flag=True, help="List every setting with its meaning, then exit.")]
+    params += [_option(fields[name], hints[name], docs.get(name, "")) for name in spec.options]
+
+    def callback(overrides, config, show_settings, **options) -> None:
+        if show_settings:
+            typer.echo(cfg.describe(spec.config))
+            return
+        given = {name: value for name, value in options.items() if value is not None and value != ()}
+        spec.run(cfg.load(spec.config, config, list(overrides), **given))
+
+    return click.Command(spec.name, params=params, callback=callback, help=spec.help + " Settings: KEY=VALUE "
+                         "(see --show-settings).", no_args_is_help=False)
+
+
+def command_line() -> click.Group:
+    """The whole command: typer's commands plus the generated stage commands."""
+    group = typer.main.get_command(app)
+    group.commands["data"].add_command(stage_command(STAGES["prepare"]))  # type: ignore[attr-defined]
+    for name in ("embed-items", "train-user", "eval"):
+        group.add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
+    return group
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """For a stage command with list options (eval's --k): `--k 10 50 200` -> `--k 10 --k 50 --k 200` (click
+    options take one value each; settings never look like a bare number, so the numbers after --k are its
+    values). Other commands' arguments are untouched."""
+    spec = STAGES.get(args[0]) if args else None
+    if spec is None:
         return list(args)
+    hints = typing.get_type_hints(spec.config)
+    options = tuple("--" + name.replace("_", "-") for name in spec.options if typing.get_origin(hints[name]) is tuple)
     out: list[str] = []
     current, given = None, False  # the option being read, and whether it got a value yet
     for arg in args:
@@ -239,9 +259,19 @@ def expand_multi_value_options(args: list[str], options: tuple[str, ...] = ("--k
 
 
 def main() -> None:
-    sys.argv[1:] = expand_multi_value_options(sys.argv[1:])
     try:
-        app()
+        code = command_line().main(expand_multi_value_options(sys.argv[1:]), prog_name="hllm-pipeline",
+                                   standalone_mode=False)
+        sys.exit(code or 0)
+    except click.exceptions.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx is not None else str(e), err=True)
+        sys.exit(2)
+    except click.ClickException as e:  # the parser's own errors: one line too
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

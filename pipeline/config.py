@@ -46,15 +46,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type) -> str:
-    """A help text listing every field with its type, default and docstring."""
+def describe(cls: type, base: Any = None, prefix: str = "") -> str:
+    """A help text listing every setting (sections expanded as `section.key`) with its type, default and
+    docstring; `base` is an instance whose values are the defaults (a section's stage-specific defaults)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     lines = []
     for f in dataclasses.fields(cls):
-        default = _default_of(f)
+        default = getattr(base, f.name) if base is not None else _default_of(f)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(describe(hints[f.name], default if default is not dataclasses.MISSING else None,
+                                  f"{prefix}{f.name}."))
+            continue
         shown = "required" if default is dataclasses.MISSING else f"default {_plain(default)!r}"
-        lines.append(f"{f.name} ({_type_name(hints[f.name])}, {shown}): {docs.get(f.name, '')}")
+        lines.append(f"{prefix}{f.name} ({_type_name(hints[f.name])}, {shown}): {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 
@@ -106,8 +111,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Convert a YAML or command-line value to the field type `tp`, or raise a ConfigError saying how to fix it."""
+def _coerce(value: Any, tp: Any, name: str, default: Any = None) -> Any:
+    """Convert a YAML or command-line value to the field type `tp`, or raise a ConfigError saying how to fix it
+    (`default`: the field's default, on which a section's values are laid)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -119,7 +125,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, name)
+                return _coerce(value, arg, name, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: cannot be null")
@@ -139,7 +145,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a section of settings, got {value!r}")
-        return build(tp, value, prefix=f"{name}.")
+        return build(tp, value, prefix=f"{name}.", base=default if isinstance(default, tp) else None)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -173,24 +179,43 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"config field {name}: unsupported type {tp!r}")
 
 
-def build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
-    """Construct config `cls` from a dict of raw values (unknown keys and bad values raise ConfigError)."""
+def build(cls: type[C], values: dict[str, Any], prefix: str = "", base: C | None = None) -> C:
+    """Construct config `cls` from a dict of raw values laid on its defaults, or on `base`'s values when given
+    (unknown keys and bad values raise ConfigError)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(names))
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown setting '{prefix}{unknown[0]}'; valid settings: {', '.join(prefix + n for n in names)}"
+            f"unknown setting '{prefix}{unknown[0]}'; valid settings: {', '.join(prefix + n for n in fields)}"
         )
-    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in values.items()}
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.name not in kwargs and _default_of(f) is dataclasses.MISSING
-    ]
+    kwargs = {key: _coerce(value, hints[key], prefix + key,
+                           getattr(base, key) if base is not None else _default_of(fields[key]))
+              for key, value in values.items()}
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    missing = [name for name, f in fields.items() if name not in kwargs and _default_of(f) is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing required setting '{prefix}{missing[0]}' (give it as {prefix}{missing[0]}=...)")
     return cls(**kwargs)
+
+
+def _dotted(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        keys += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def check_renamed(cls: type, raw: dict[str, Any], source: str) -> None:
+    """A setting that was renamed is an error that names its new key. `cls.RENAMED` maps an old dotted key to the
+    new one; an old key ending in '.' renames a whole section ('model.': 'user.')."""
+    renamed = getattr(cls, "RENAMED", {})
+    for key in _dotted(raw):
+        new = renamed.get(key) or next((new + key[len(old):] for old, new in renamed.items()
+                                        if old.endswith(".") and key.startswith(old)), None)
+        if new is not None:
+            raise ConfigError(f"setting '{key}'{source} was renamed: use {new}")
 
 
 def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -212,9 +237,11 @@ def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | tu
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         raw = loaded
+    check_renamed(cls, raw, f" in {path}" if path is not None else "")
     raw = _merge(raw, {k: v for k, v in values.items() if v is not None})
-    raw = _merge(raw, parse_overrides(list(overrides)))
-    return build(cls, raw)
+    given = parse_overrides(list(overrides))
+    check_renamed(cls, given, "")
+    return build(cls, _merge(raw, given))
 
 
 def _plain(value: Any) -> Any:

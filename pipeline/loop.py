@@ -1,79 +1,113 @@
-"""The training loop both stages share: AdamW with warm-up and cosine, gradient accumulation, DDP through
-accelerate, validation after each epoch with early stopping, and exact resume from one state file.
+"""The one training loop: a sequence model over user sequences, as a recipe in plain sight.
 
-A stage describes its work as a `LoopTask` (how to build a step's batch, how to validate, how to keep the best
-weights); the model's forward takes (batch, gather) and returns an NCEOutput (pipeline.models.hllm).
+  setup   accelerate (one process or DDP), AdamW with warm-up and cosine, the checkpoint to resume from
+  train   micro-steps of shared-negative batches, gradient accumulation, a log line every `log_every` steps,
+          validation after each epoch, the best weights kept, early stopping
+  save    the state after every epoch and every `checkpoint_every` steps; at the end the best weights
+
 Everything random is derived from (seed, epoch, step, micro-step, process), never from a generator carried
-along, so a run resumed at step s continues exactly as the uninterrupted run would have.
+along, so a run resumed at step s continues exactly as the uninterrupted run would have. Both stages train
+through `train`; they differ only in the item source of their model and in their loop settings.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 
+from pipeline.batches import SequenceBatches, make_step_batch, sample_negatives
+from pipeline.checkpoint import Checkpoint
+from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import atomic_path, fingerprint
+from pipeline.models.sequence_model import SequenceModel
+from pipeline.runtime import device_of, distributed_state
+from pipeline.tracking import EarlyStopping, MetricsLog, StepWindow
+from pipeline.validation import validate
 
 
-@dataclass
-class StepBatch:
-    """One micro-step's input for this process."""
+@dataclass(frozen=True)
+class LoopConfig:
+    epochs: int = 5
+    """Passes over the training sequences."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke runs); null runs every epoch."""
+    batch_size: int = 16
+    """Sequences per micro-step, over all processes (global)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_len: int = 10
+    """User LLM positions per training sequence (and the history length at validation)."""
+    chunking: Literal["last", "chunks"] = "chunks"
+    """last: each user's most recent max_len+1 training items; chunks: the official non-overlapping chunks of all
+    of them."""
+    num_negatives: int = 512
+    """Negatives per micro-step, shared by every position of every sequence (global count)."""
+    in_batch_negatives: bool = False
+    """Also use the batch's other target items as negatives."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, norms and the logit scale)."""
+    warmup_ratio: float = 0.1
+    """Fraction of the schedule's steps of linear warm-up before the cosine decay."""
+    schedule_steps: int | None = None
+    """Length of the warm-up + cosine schedule in optimizer steps; null: the run's total steps. Set it to extend a
+    finished run later with more epochs or steps (the schedule then does not depend on them); past it the
+    learning rate stays 0."""
+    eval_users: int = 1000
+    """Users sampled (fixed) for validation after each epoch; 0 turns validation off."""
+    early_stopping_metric: str = "ndcg@200"
+    """Validation metric that picks the best epoch: ndcg@K or recall@K, K in 10, 50, 200."""
+    patience: int = 2
+    """Stop after this many epochs without improvement."""
+    checkpoint_every: int = 200
+    """Save the resumable state every this many optimizer steps (and after each epoch)."""
+    log_every: int = 10
+    """Write a metrics line every this many optimizer steps."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, none on CPU. fp16 (with a gradient scaler) needs a CUDA GPU."""
+    peak_tflops: float | None = None
+    """Accelerator peak for the MFU in the log (e.g. 989 for an H100 in bf16); null leaves MFU out."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under <run>/tensorboard (needs `pip install tensorboard`)."""
 
-    inputs: dict
-    """What model(inputs, gather) takes."""
-    positions: int
-    """Valid (input, target) positions in this process's share."""
-    items: int = 0
-    """Item texts encoded (stage one) or item embeddings read (stage two), for the throughput log."""
-    tokens: int = 0
-    """Item tokens encoded (stage one), for the throughput log."""
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "num_negatives", "patience",
+                     "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("max_steps", "schedule_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1, or null")
+        if self.eval_users < 0:
+            raise ConfigError(f"train.eval_users={self.eval_users}: must be >= 0 (0 turns validation off)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (accelerate's TensorBoard tracker needs it)
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]'), or set train.tensorboard=false") from None
+        metric, _, k = self.early_stopping_metric.partition("@")
+        if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
+            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
+                              "with K one of 10, 50, 200")
 
-
-@dataclass
-class LoopTask:
-    num_batches: int
-    """Global batches per epoch."""
-    make_batch: Callable[[int, int, int, int, int, int], StepBatch]
-    """(epoch, batch index, step, micro-step, rank, world) -> this process's StepBatch."""
-    validate: Callable[[nn.Module], dict] | None
-    """Metrics on validation users for the unwrapped model (None: no validation)."""
-    save_best: Callable[[nn.Module], None]
-    """Keep the unwrapped model's weights as the best so far (called on the main process)."""
-    load_best: Callable[[nn.Module], None]
-    """Load the best weights into the unwrapped model (called on every process at the end)."""
-    flops: Callable[[float, float, float], float] | None = None
-    """(items, tokens, positions) -> training FLOPs, for the MFU."""
-    summary: str = ""
-    """A line describing the data, logged at the start."""
-
-
-def check_loop_settings(t, positive: tuple[str, ...] = ()) -> None:
-    """Validate the settings train_loop reads (and a stage's own `positive` ones) with fix-it messages."""
-    for name in ("epochs", "batch_size", "grad_accum", "patience", "checkpoint_every", "log_every", *positive):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
-    if t.tensorboard:
-        try:
-            import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
-        except ImportError:
-            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                              "(or pip install -e '.[tensorboard]'), or set train.tensorboard=false") from None
-    metric, _, k = t.early_stopping_metric.partition("@")
-    if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
-        raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric}: use ndcg@K or recall@K "
-                          "with K one of 10, 50, 200")
+    def trajectory(self) -> dict:
+        """The settings that decide the weights after a given step. Logging and saving never do; the budget
+        (epochs, max_steps) does only while the schedule spans the whole run (schedule_steps null)."""
+        skip = {"log_every", "checkpoint_every", "peak_tflops", "tensorboard"}
+        if self.schedule_steps is not None:
+            skip |= {"epochs", "max_steps"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def lr_lambda(total: int, warmup: int):
@@ -86,68 +120,90 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: no CUDA device here; use device=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name}: use auto, cpu, cuda or cuda:N") from None
+def _mixed_precision(setting: str, device: torch.device) -> str:
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" else "no"
+    if setting == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU, accelerate would silently run "
+                          "fp32); use no or bf16")
+    return setting
 
 
-def distributed_state(device: torch.device):
-    """accelerate's process state. Create it through here first: on CPU it must be told so, or every process of
-    a torchrun launch believes it is alone."""
-    from accelerate import PartialState
+def _optimizer(model: torch.nn.Module, t: LoopConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
 
-    return PartialState(cpu=device.type == "cpu")
+
+def _flops_per_work(model: SequenceModel) -> Callable[[dict], float]:
+    """Training FLOPs ~ 6 x (weights a token or position passes through) x tokens, embedding tables excluded."""
+    item_params = sum(p.numel() for n, p in model.items.named_parameters() if "embed" not in n and p.requires_grad)
+    user_params = sum(p.numel() for n, p in model.user_llm.named_parameters() if "embed" not in n)
+    return lambda w: 6 * (item_params * w["tokens"] + user_params * w["positions"])
 
 
-def train_loop(model: nn.Module, task: LoopTask, t, run_dir: Path, identity: dict, seed: int, device_name: str,
-               resume: bool = True, log=print) -> nn.Module:
-    """Train `model` as `t` (a stage's TrainConfig) says; returns the unwrapped model with the best weights.
+@dataclass
+class Run:
+    """What the loop works with, made by `setup`."""
 
-    `identity` names what the run depends on besides the train settings (model settings, data checksums):
-    a saved state is resumed only when it matches.
-    """
+    accelerator: Any
+    model: torch.nn.Module
+    """The model as accelerate prepared it (DDP-wrapped under several processes)."""
+    unwrapped: SequenceModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoint: Checkpoint
+    progress: dict
+    """All the loop's resumable progress: step, epoch, batch (in the epoch), best, bad_epochs, stopped_early."""
+    batches: SequenceBatches
+    total_steps: int
+    num_negatives: int
+    """Shared negatives per micro-step (a multiple of the processes where they are embedded in shares)."""
+    gather: Callable | None
+    """Concatenates every process's rows with their gradients (None with one process)."""
+    log: MetricsLog
+
+    def save_state(self) -> None:
+        if self.accelerator.is_main_process:
+            self.checkpoint.save(self.unwrapped, self.optimizer, self.scheduler, self.accelerator.scaler,
+                                 self.progress)
+        self.accelerator.wait_for_everyone()
+
+
+def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, seed: int,
+          device_name: str, resume: bool, say=print) -> Run:
+    """accelerate, the batches, AdamW with warm-up + cosine, and the saved state when resuming."""
     from accelerate import Accelerator
 
     device = device_of(device_name)
     distributed_state(device)
-    mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    say = log if main else (lambda _: None)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision, device), cpu=device.type == "cpu",
+                              log_with="tensorboard" if t.tensorboard else None, project_dir=run_dir)
+    world = accelerator.num_processes
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {world} processes")
-
-    steps_per_epoch = math.ceil(task.num_batches / t.grad_accum)
-    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(t.warmup_ratio * total_steps)))
-    # what decides the trajectory (not how often it is logged or saved)
-    logging_only = ("log_every", "checkpoint_every", "peak_tflops", "tensorboard")
-    trajectory = {k: v for k, v in vars(t).items() if k not in logging_only}
-    run_id = fingerprint({"identity": identity, "train": trajectory, "seed": seed, "world": world})
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "done": False}
-    state_path = run_dir / "state.pt"
-    if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") != run_id:
-            raise UserError(f"{state_path}: made with other settings or data; delete {run_dir} or set resume=false")
+    windows = training_windows(seqs, t.max_len, t.chunking)
+    if len(windows) == 0:
+        raise UserError("no training sequence has two items; nothing to train on")
+    batches = SequenceBatches(windows, t.batch_size, seed)
+    total_steps = min(math.ceil(len(batches) / t.grad_accum) * t.epochs, t.max_steps or 10**12)
+    horizon = t.schedule_steps or total_steps
+    optimizer = _optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(horizon, int(t.warmup_ratio * horizon)))
+    checkpoint = Checkpoint(run_dir / "state.pt", {"identity": identity, "train": t.trajectory(), "seed": seed,
+                                                   "world": world})
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "stopped_early": False}
+    saved = checkpoint.load() if resume else None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        say(f"resuming from {state_path}: epoch {state['epoch']}, step {state['step']}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+        progress = saved["state"]
+        say(f"resuming from {checkpoint.path}: epoch {progress['epoch']}, step {progress['step']}")
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if saved is not None and saved["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
     gather = None
     if world > 1:
         import torch.distributed.nn.functional as dist_fn
@@ -155,129 +211,105 @@ def train_loop(model: nn.Module, task: LoopTask, t, run_dir: Path, identity: dic
         def gather(x):  # every process's rows, with gradients flowing back to their owners
             return torch.cat(dist_fn.all_gather(x), dim=0)
 
-    def save_state() -> None:
-        """All resumable state in one dict (single process and DDP; sharded FSDP/ZeRO state is not covered)."""
-        if main:
-            payload = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "state": state, "fingerprint": run_id}
-            with atomic_path(state_path) as tmp:
-                torch.save(payload, tmp)
-        accelerator.wait_for_everyone()
-
-    board = None
-    if main and t.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        board = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log_line(line: dict) -> None:
-        if not main:
-            return
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        if board is not None:  # the same numbers: train/<key> per log line, valid/<metric> per epoch
-            section, values = ("valid", line["valid"]) if "valid" in line else ("train", line)
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    board.add_scalar(f"{section}/{key}", value, line["step"])
-            board.flush()
-
-    if main:
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-    n_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    say(f"{task.summary}; {total_steps} steps, {n_params / 1e6:.1f}M trained parameters, {world} process(es)")
+    negatives = t.num_negatives + (-t.num_negatives) % world if model.items.shard_negatives else t.num_negatives
+    return Run(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, checkpoint, progress,
+               batches, total_steps, negatives, gather, MetricsLog(run_dir, accelerator, trackers=t.tensorboard))
 
-    model.train()
-    window = {"start": time.perf_counter(), "loss": 0.0, "surviving": 0.0, "top1": 0.0, "n": 0, "items": 0,
-              "tokens": 0, "positions": 0}
-    while not state["done"] and state["epoch"] < t.epochs:
-        epoch = state["epoch"]
-        while state["batch"] < task.num_batches and state["step"] < total_steps:
-            step = state["step"]
-            n_micro = min(t.grad_accum, task.num_batches - state["batch"])  # the epoch's last step may be short
+
+def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, *, seed: int,
+          device_name: str, resume: bool, save_best: Callable[[SequenceModel, Path], None],
+          load_best: Callable[[SequenceModel, Path], None], name: str, log=print) -> SequenceModel:
+    """Train `model` on the training part of `seqs` as `t` says; returns the unwrapped model with the best
+    weights. `identity` names what the run depends on besides `t` (model settings, data checksums): a saved
+    state is resumed only when it matches. `save_best`/`load_best` keep the best weights under run_dir/best."""
+    say = log if distributed_state(device_of(device_name)).is_main_process else (lambda _: None)
+    run = setup(model, seqs, t, run_dir, identity, seed, device_name, resume, say)
+    accelerator, progress, batches, unwrapped = run.accelerator, run.progress, run.batches, run.unwrapped
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stopping = EarlyStopping(progress, t.patience)
+    n_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    say(f"{name}: {len(batches.windows):,} training sequences of up to {t.max_len + 1} items, {len(batches)} "
+        f"batches of {t.batch_size} per epoch, {t.num_negatives} shared negatives; {run.total_steps} steps, "
+        f"{n_params / 1e6:.1f}M trained parameters, {world} process(es)")
+
+    run.model.train()
+    window = StepWindow()
+    while not progress["stopped_early"] and progress["epoch"] < t.epochs and progress["step"] < run.total_steps:
+        epoch = progress["epoch"]
+        while progress["batch"] < len(batches) and progress["step"] < run.total_steps:
+            step = progress["step"]
+            n_micro = min(t.grad_accum, len(batches) - progress["batch"])  # the epoch's last step may be short
             for micro in range(n_micro):
                 # dropout: a distinct stream per (step, micro-step, process), the same after a resume
                 torch.manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
-                batch = task.make_batch(epoch, state["batch"] + micro, step, micro, rank, world)
-                valid_local = torch.tensor(float(batch.positions), device=accelerator.device)
-                valid_global = accelerator.reduce(valid_local, reduction="sum") if world > 1 else valid_local
-                sync = contextlib.nullcontext() if micro == n_micro - 1 or world == 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(batch.inputs, gather)
+                index = progress["batch"] + micro
+                stamps = batches.timestamps(epoch, index, rank, world) if unwrapped.time is not None else None
+                batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world),
+                                        sample_negatives(seqs.num_items, run.num_negatives, seed, step, micro), rank,
+                                        world, stamps, unwrapped.time_precision, t.in_batch_negatives
+                                        ).to(accelerator.device)
+                valid_global = torch.tensor(float(batch.positions), device=accelerator.device)
+                if world > 1:
+                    valid_global = accelerator.reduce(valid_global, reduction="sum")
+                last = micro == n_micro - 1 or world == 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+                    out = run.model(batch, run.gather)
                     # mean over every valid position of the global batch (DDP averages gradients over processes)
                     loss = out.loss_per_position.sum() * world / valid_global.clamp(min=1) / n_micro
                     accelerator.backward(loss)
-                window["loss"] += float(out.loss_per_position.detach().sum())
-                window["surviving"] += float(out.surviving_negatives.float().sum())
-                window["top1"] += float(out.top1_correct.float().sum())
-                window["n"] += int(out.loss_per_position.numel())
-                window["items"] += batch.items
-                window["tokens"] += batch.tokens
-                window["positions"] += batch.positions
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["batch"] += n_micro
-            state["step"] += 1
-            if state["step"] % t.log_every == 0 or state["step"] == total_steps:
-                seconds = time.perf_counter() - window["start"]
-                keys = ("loss", "surviving", "top1", "n", "items", "tokens", "positions")
-                totals = torch.tensor([window[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-                if world > 1:  # the log line describes the global batch, not this process's share
-                    totals = accelerator.reduce(totals, reduction="sum")
-                w = dict(zip(keys, totals.tolist(), strict=True))
-                line = {"step": state["step"], "epoch": epoch, "loss": w["loss"] / max(w["n"], 1),
-                        "surviving_negatives": w["surviving"] / max(w["n"], 1),
-                        "top1_accuracy": w["top1"] / max(w["n"], 1), "lr": scheduler.get_last_lr()[0],
-                        "logit_scale": unwrapped.logit_scale.exp().item(),
-                        "items_per_s": w["items"] / seconds, "tokens_per_s": w["tokens"] / seconds,
-                        "positions_per_s": w["positions"] / seconds}
-                if t.peak_tflops and task.flops is not None:
-                    flops = task.flops(w["items"], w["tokens"], w["positions"]) / seconds
-                    line["mfu"] = flops / (t.peak_tflops * 1e12 * world)
-                log_line(line)
-                say(f"step {line['step']}/{total_steps} epoch {epoch} loss {line['loss']:.4f} "
-                    f"negatives kept {line['surviving_negatives']:.1f} lr {line['lr']:.2e} "
-                    + (f"{line['tokens_per_s']:.0f} tokens/s" if w["tokens"] else
-                       f"{line['positions_per_s']:.0f} positions/s"))
-                window = {k: 0 for k in window} | {"start": time.perf_counter()}
-            if state["step"] % t.checkpoint_every == 0:
-                save_state()
-        # ---- end of epoch (or of max_steps): validate, keep the best, maybe stop
-        finished_epoch = state["batch"] >= task.num_batches
-        if task.validate is not None:
-            metrics = task.validate(unwrapped)
+                window.add(out, batch)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            progress["batch"] += n_micro
+            progress["step"] += 1
+            if progress["step"] % t.log_every == 0 or progress["step"] == run.total_steps:
+                _log_step(run, window, t, epoch, say)
+                window = StepWindow()
+            if progress["step"] % t.checkpoint_every == 0:
+                run.save_state()
+        # ---- end of an epoch (or of max_steps): validate, keep the best, maybe stop, save
+        score = None
+        if t.eval_users > 0:
+            metrics = validate(unwrapped, seqs, t.max_len, t.eval_users, seed)
             score = metrics[t.early_stopping_metric]
-            log_line({"epoch": epoch, "step": state["step"], "valid": metrics})
-            popularity = metrics.get("popularity", {}).get(t.early_stopping_metric)
+            run.log.write({"epoch": epoch, "step": progress["step"], "valid": metrics})
             say(f"epoch {epoch} valid ({metrics['users']} users): recall@10 {metrics['recall@10']:.4f} "
-                f"ndcg@10 {metrics['ndcg@10']:.4f} {t.early_stopping_metric} {score:.4f}"
-                + (f" (popularity {popularity:.4f})" if popularity is not None else ""))
-            if state["best"] is None or score > state["best"]["score"]:
-                state["best"] = {"score": score, "epoch": epoch, "step": state["step"]}
-                state["bad_epochs"] = 0
-                if main:
-                    task.save_best(unwrapped)
-                accelerator.wait_for_everyone()
-            else:
-                state["bad_epochs"] += 1
-                if state["bad_epochs"] >= t.patience:
-                    say(f"early stopping: no better {t.early_stopping_metric} for {t.patience} epoch(s)")
-                    state["done"] = True
-        else:
-            state["best"] = {"score": None, "epoch": epoch, "step": state["step"]}
-            if main:
-                task.save_best(unwrapped)
+                f"ndcg@10 {metrics['ndcg@10']:.4f} {t.early_stopping_metric} {score:.4f} "
+                f"(popularity {metrics['popularity'][t.early_stopping_metric]:.4f})")
+        if stopping.improved(score, epoch, progress["step"]):
+            if accelerator.is_main_process:
+                save_best(unwrapped, run_dir / "best")
             accelerator.wait_for_everyone()
-        if finished_epoch:
-            state["epoch"] += 1
-            state["batch"] = 0
-        if state["step"] >= total_steps:
-            state["done"] = True
-        save_state()
+        elif stopping.should_stop:
+            say(f"early stopping: no better {t.early_stopping_metric} for {t.patience} epoch(s)")
+            progress["stopped_early"] = True
+        if progress["batch"] >= len(batches):
+            progress["epoch"] += 1
+            progress["batch"] = 0
+        run.save_state()
+
     accelerator.wait_for_everyone()
-    if board is not None:
-        board.close()
-    task.load_best(unwrapped)
-    say(f"best epoch {state['best']['epoch']} (step {state['best']['step']})")
+    run.log.close()
+    load_best(unwrapped, run_dir / "best")
+    say(f"best epoch {progress['best']['epoch']} (step {progress['best']['step']})")
     return unwrapped
+
+
+def _log_step(run: Run, window: StepWindow, t: LoopConfig, epoch: int, say) -> None:
+    """One metrics line for the steps since the last one, over every process."""
+    w, seconds = window.totals(run.accelerator)
+    line = {"step": run.progress["step"], "epoch": epoch, "loss": w["loss"] / max(w["n"], 1),
+            "surviving_negatives": w["surviving"] / max(w["n"], 1), "top1_accuracy": w["top1"] / max(w["n"], 1),
+            "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.unwrapped.logit_scale.exp().item(),
+            "items_per_s": w["items"] / seconds, "tokens_per_s": w["tokens"] / seconds,
+            "positions_per_s": w["positions"] / seconds}
+    if t.peak_tflops:
+        peak_flops = t.peak_tflops * 1e12 * run.accelerator.num_processes
+        line["mfu"] = _flops_per_work(run.unwrapped)(w) / seconds / peak_flops
+    run.log.write(line)
+    say(f"step {line['step']}/{run.total_steps} epoch {epoch} loss {line['loss']:.4f} "
+        f"negatives kept {line['surviving_negatives']:.1f} lr {line['lr']:.2e} "
+        + (f"{line['tokens_per_s']:.0f} tokens/s" if w["tokens"] else f"{line['positions_per_s']:.0f} positions/s"))

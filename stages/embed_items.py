@@ -14,42 +14,37 @@ Runs as one process or under `accelerate launch` (DDP; see stages/configs/accele
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import polars as pl
 import torch
 
 from pipeline import config as cfg
-from pipeline.data.sequences import UserSequences, training_windows
+from pipeline import loop
+from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256, sha256_file, write_text_atomic
-from pipeline.loop import (
-    LoopTask,
-    StepBatch,
-    check_loop_settings,
-    device_of,
-    distributed_state,
-    train_loop,
-)
+from pipeline.loop import LoopConfig
 from pipeline.models import build
-from pipeline.models.hllm import HLLM
+from pipeline.models.build import UserModelConfig
+from pipeline.models.item_sources import TextItems
+from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
-from pipeline.training import SequenceBatches, make_batch, sample_negatives, to_device, validate
+from pipeline.runtime import device_of, distributed_state
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    item_model: str = "minilm-l6"
+class ItemModelConfig:
+    model: str = "minilm-l6"
     """Item LLM: a preset (minilm-l6, smollm2-135m), a Hugging Face directory, or a hub name."""
-    item_init: Literal["pretrained", "scratch"] = "pretrained"
+    init: Literal["pretrained", "scratch"] = "pretrained"
     """pretrained weights, or the same architecture with random weights."""
     pooling: Literal["item_token", "mean"] = "item_token"
     """item_token: the learnable [ITEM] position after the text (official); mean: mean of the text's states."""
@@ -58,69 +53,18 @@ class ModelConfig:
     max_text_tokens), or from 0 (what a frozen encoder saw in pre-training)."""
     max_text_tokens: int = 256
     """Keep the first this many tokens of each item text (special tokens included)."""
-    user_model: str = "llama-small"
-    """User LLM: a decoder preset (llama-tiny, llama-small, smollm2-135m), directory or hub name."""
-    user_init: Literal["pretrained", "scratch"] = "scratch"
-    """pretrained weights (paper: better) or random; config-only presets are always scratch."""
-    user_layers: int | None = None
-    """With user_init=scratch: keep only this many decoder layers of the architecture."""
+    token_budget: int = 16384
+    """Item tokens per Item LLM forward chunk while training and validating (batch rows x longest text)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel for both LLMs: sdpa, eager, or flash_attention_2 where installed."""
+    """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 2:
-            raise ConfigError(f"model.max_text_tokens={self.max_text_tokens}: must be >= 2")
-        if self.user_layers is not None and self.user_layers < 1:
-            raise ConfigError(f"model.user_layers={self.user_layers}: must be >= 1")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    finetune: bool = True
-    """Train end to end before embedding; false embeds with the pretrained Item LLM (quick, much worse)."""
-    epochs: int = 5
-    """Passes over the training sequences (official: 5)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (for smoke runs); null runs every epoch."""
-    batch_size: int = 16
-    """Sequences per optimizer micro-step, over all processes (global)."""
-    grad_accum: int = 1
-    """Micro-steps per optimizer step."""
-    max_len: int = 10
-    """User LLM positions per training sequence (official MAX_ITEM_LIST_LENGTH: 10 on PixelRec, 50 on Books)."""
-    chunking: Literal["last", "chunks"] = "chunks"
-    """last: each user's most recent max_len+1 training items; chunks: the official non-overlapping chunks."""
-    num_negatives: int = 512
-    """Negatives per micro-step, shared by every position of every sequence (global count)."""
-    lr: float = 1e-4
-    """Peak learning rate of AdamW (official 1e-4)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (official 0.01)."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps of linear warm-up before the cosine decay."""
-    token_budget: int = 16384
-    """Item tokens per Item LLM forward chunk (batch rows x longest text)."""
-    eval_users: int = 1000
-    """Users sampled (fixed) for the validation metrics after each epoch; 0 turns validation off."""
-    early_stopping_metric: str = "ndcg@200"
-    """Validation metric that picks the best epoch."""
-    patience: int = 2
-    """Stop after this many epochs without improvement."""
-    checkpoint_every: int = 200
-    """Save the resumable state every this many optimizer steps (and after each epoch)."""
-    log_every: int = 10
-    """Write a metrics line every this many optimizer steps."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPU, none on CPU."""
-    peak_tflops: float | None = None
-    """Accelerator peak for the MFU in the log (e.g. 989 for an H100 in bf16); null leaves MFU out."""
-    tensorboard: bool = False
-    """Also write the metrics as TensorBoard scalars under stage1/tensorboard (needs `pip install tensorboard`)."""
-
-    def __post_init__(self) -> None:
-        check_loop_settings(self, positive=("max_len", "num_negatives", "token_budget"))
+            raise ConfigError(f"item.max_text_tokens={self.max_text_tokens}: must be >= 2")
+        if self.token_budget < 1:
+            raise ConfigError(f"item.token_budget={self.token_budget}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -146,15 +90,29 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class EmbedItemsConfig:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "model.item_model": "item.model", "model.item_init": "item.init", "model.pooling": "item.pooling",
+        "model.positions": "item.positions", "model.max_text_tokens": "item.max_text_tokens",
+        "model.user_model": "user.name", "model.user_init": "user.init", "model.user_layers": "user.layers",
+        "model.attn_implementation": "item.attn_implementation and user.attn_implementation",
+        "model.gradient_checkpointing": "item.gradient_checkpointing and user.gradient_checkpointing",
+        "train.finetune": "finetune", "train.token_budget": "item.token_budget"}
+
     data: Path
     """Folder of the canonical tables (from `data prepare`), e.g. artifacts/ml-100k/data."""
     out: Path
     """Run folder, e.g. artifacts/ml-100k (stage1/, item_llm/, embeddings/ go inside)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The Item and User LLMs."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """End-to-end fine-tuning."""
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    item: ItemModelConfig = ItemModelConfig()
+    """The Item LLM."""
+    user: UserModelConfig = UserModelConfig(init="scratch")
+    """The User LLM trained with it (init pretrained or scratch)."""
+    finetune: bool = True
+    """Train end to end before embedding; false embeds with the pretrained Item LLM (quick, much worse)."""
+    train: LoopConfig = LoopConfig(epochs=5, batch_size=16, max_len=10, num_negatives=512, lr=1e-4, patience=2,
+                                   checkpoint_every=200, log_every=10)
+    """End-to-end fine-tuning on short sequences (official: 5 epochs, lr 1e-4; max_len 10 on PixelRec, 50 on
+    Books)."""
+    embed: EmbedConfig = EmbedConfig()
     """The embedding job over the catalogue."""
     seed: int = 42
     """Seed of every random choice (initialisation, data order, negatives, dropout)."""
@@ -162,6 +120,11 @@ class EmbedItemsConfig:
     """auto (cuda when available), cpu or cuda."""
     resume: bool = True
     """Continue from stage1/state.pt when it exists and was made with the same settings."""
+
+    def __post_init__(self) -> None:
+        if self.user.init == "stage-one":
+            raise ConfigError("user.init=stage-one is for stage two; stage one trains its User LLM from "
+                              "user.init=pretrained or scratch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,72 +138,32 @@ def _load_data(data: Path) -> tuple[UserSequences, pl.DataFrame]:
     return seqs, items
 
 
-def train(config: EmbedItemsConfig, model: HLLM, catalogue: TokenizedCatalogue, seqs: UserSequences,
-          tokenizer, log=print) -> HLLM:
+def train(config: EmbedItemsConfig, model: SequenceModel, seqs: UserSequences, log=print) -> SequenceModel:
     """End-to-end training of both LLMs on short sequences (pipeline.loop); returns the best epoch's model."""
-    t, m = config.train, config.model
     run_dir = config.out / "stage1"
-    windows = training_windows(seqs, t.max_len, t.chunking)
-    if len(windows) == 0:
-        raise UserError(f"{config.data}: no training sequence has two items; nothing to train on")
-    batches = SequenceBatches(windows, t.batch_size, config.seed)
-    n_slots = model.item_llm.n_item_tokens
-
-    def make_step_batch(epoch: int, index: int, step: int, micro: int, rank: int, world: int) -> StepBatch:
-        seq_ids = batches.item_ids(epoch, index, rank, world)
-        negatives = t.num_negatives + (-t.num_negatives) % world  # every process encodes an equal share
-        negs = sample_negatives(catalogue.num_items, negatives, config.seed, step, micro)
-        batch = make_batch(seq_ids, negs, rank, world, catalogue, n_slots, m.positions, t.token_budget)
-        positions = int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum())
-        return StepBatch(to_device(batch, next(model.parameters()).device), positions, batch["n_unique"],
-                         batch["n_tokens"])
-
-    def validate_model(unwrapped: HLLM) -> dict:
-        return validate(unwrapped, catalogue, seqs, t.max_len, t.eval_users, config.seed, t.token_budget,
-                        m.positions)
-
-    def save_best(unwrapped: HLLM) -> None:
-        build.save_item_llm(unwrapped.item_llm, tokenizer, run_dir / "best" / "item_llm", _item_meta(config))
-        build.save_user_llm(unwrapped.user_llm, run_dir / "best" / "user_llm",
-                            {"source": "stage one", "logit_scale": unwrapped.logit_scale.item()})
-
-    def load_best(unwrapped: HLLM) -> None:
-        best = build.load_item_llm(run_dir / "best" / "item_llm", m.attn_implementation)[0]
-        unwrapped.item_llm.load_state_dict(best.state_dict())
-        unwrapped.user_llm.load_state_dict(build.load_user_llm(run_dir / "best" / "user_llm").state_dict())
-        scale = json.loads((run_dir / "best" / "user_llm" / "user_llm.json").read_text())["logit_scale"]
-        with torch.no_grad():
-            unwrapped.logit_scale.fill_(scale)
-
-    # FLOPs ~ 6 x (weights a token passes through) x tokens, embedding tables excluded
-    item_params = sum(p.numel() for n, p in model.item_llm.named_parameters() if "embed" not in n)
-    user_params = sum(p.numel() for n, p in model.user_llm.named_parameters() if "embed" not in n)
-    task = LoopTask(
-        num_batches=len(batches), make_batch=make_step_batch,
-        validate=validate_model if t.eval_users > 0 else None, save_best=save_best, load_best=load_best,
-        flops=lambda items, tokens, positions: 6 * (item_params * tokens + user_params * positions),
-        summary=f"stage one: {len(windows):,} training sequences, {len(batches)} batches of {t.batch_size} per "
-                f"epoch, {t.num_negatives} shared negatives")
-    if config.model.gradient_checkpointing:
-        for backbone in (model.item_llm.backbone, model.user_llm.backbone):
-            backbone.gradient_checkpointing_enable()
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed_state(device_of(config.device)).is_main_process:
         cfg.save(config, run_dir / "config.yaml")
-    identity = {"model": cfg.to_dict(config.model), "interactions": sha256_file(config.data / "interactions.parquet"),
+    identity = {"model": {"item": cfg.to_dict(config.item), "user": cfg.to_dict(config.user)},
+                "interactions": sha256_file(config.data / "interactions.parquet"),
                 "items": sha256_file(config.data / "items.parquet")}
-    return train_loop(model, task, t, run_dir, identity, config.seed, config.device, config.resume, log=log)
+    return loop.train(model, seqs, config.train, run_dir, identity, seed=config.seed, device_name=config.device,
+                      resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, STAGE_META),
+                      load_best=build.load_model_weights, name="stage one", log=log)
+
+
+STAGE_META = {"source": "stage one"}
 
 
 def _item_meta(config: EmbedItemsConfig) -> dict:
-    m = config.model
-    return {"source_model": m.item_model, "positions": m.positions, "max_text_tokens": m.max_text_tokens}
+    i = config.item
+    return {"source_model": i.model, "positions": i.positions, "max_text_tokens": i.max_text_tokens}
 
 
 def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
                     log=print) -> Path:
     """Run the Item LLM over every catalogue item into embeddings/<version>/ (resumable, manifest last)."""
-    e, m = config.embed, config.model
+    e, m = config.embed, config.item
     model_fp = folder_sha256(config.out / "item_llm")
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
     identity = {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "max_text_tokens": m.max_text_tokens,
@@ -292,23 +215,26 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
     """Stage one: (fine-tune and) embed. Returns the embeddings version folder."""
     torch.manual_seed(config.seed)
     seqs, items = _load_data(config.data)
-    m = config.model
-    user_llm = build.build_user_llm(m.user_model, m.user_init, m.attn_implementation, m.user_layers, log=log)
-    item_llm, tokenizer = build.build_item_llm(m.item_model, m.item_init, m.pooling, user_llm.dim,
-                                               m.attn_implementation, m.max_text_tokens, log=log)
-    model = HLLM(item_llm, user_llm)
-    log(f"tokenizing {items.height:,} item texts (first {m.max_text_tokens} tokens)")
-    catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), m.max_text_tokens)
+    i = config.item
+    user_llm = build.user_llm_from(config.user, log=log)
+    item_llm, tokenizer = build.build_item_llm(i.model, i.init, i.pooling, user_llm.dim, i.attn_implementation,
+                                               i.max_text_tokens, log=log)
+    if i.gradient_checkpointing:
+        item_llm.backbone.gradient_checkpointing_enable()
+    log(f"tokenizing {items.height:,} item texts (first {i.max_text_tokens} tokens)")
+    catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), i.max_text_tokens)
+    source = TextItems(item_llm, catalogue, tokenizer, i.positions, i.token_budget, _item_meta(config))
+    model = build.sequence_model(source, user_llm, config.user)
     device = device_of(config.device)
-    if config.train.finetune:
-        model = train(config, model, catalogue, seqs, tokenizer, log=log)
+    if config.finetune:
+        model = train(config, model, seqs, log=log)
     state = distributed_state(device)
     if state.is_main_process:  # the catalogue pass runs once, on the main process
-        build.save_item_llm(model.item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
-        build.save_user_llm(model.user_llm, config.out / "user_llm_stage1",
-                            {"source": "stage one", "logit_scale": model.logit_scale.item(),
-                             "max_len": config.train.max_len, "trained": config.train.finetune})
+        item_llm = model.items.item_llm
+        build.save_item_llm(item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
+        build.save_user_llm(model, config.out / "user_llm_stage1",
+                            {**STAGE_META, "max_len": config.train.max_len, "trained": config.finetune})
         cfg.save(config, config.out / "item_llm" / "config.yaml")
-        embed_catalogue(config, model.item_llm.to(device), catalogue, items, log=log)
+        embed_catalogue(config, item_llm.to(device), catalogue, items, log=log)
     state.wait_for_everyone()
     return config.out / "embeddings" / (config.out / "embeddings" / "CURRENT").read_text().strip()

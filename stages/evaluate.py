@@ -24,14 +24,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.data.sequences import EvalExamples, UserSequences, eval_examples
+from pipeline.batches import user_vectors
+from pipeline.data.sequences import UserSequences, eval_examples
 from pipeline.embeddings.store import load_embeddings, version_root
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
-from pipeline.loop import device_of
 from pipeline.metrics import MISS, metrics_from_ranks
 from pipeline.models import build
-from pipeline.models.cached import CachedUserModel, time_features
+from pipeline.runtime import device_of
 from pipeline.search import (
     FaissSearch,
     Masked,
@@ -44,7 +44,6 @@ from pipeline.search import (
     ranks_in_topk,
     recall_against_exact,
 )
-from pipeline.training import left_pad
 
 
 @dataclass(frozen=True)
@@ -118,45 +117,6 @@ def _user_llm_dir(config: EvalConfig) -> Path:
         raise UserError(f"{path}: no trained User LLM; run `make train-user` (stage two) or `make embed-items` "
                         f"(stage one) first, or evaluate the floor with --model popularity")
     return path
-
-
-def load_user_model(path: Path, table: torch.Tensor) -> tuple[CachedUserModel, dict]:
-    """The User LLM of stage one or two over the cached table, with its extra inputs; and its metadata."""
-    meta = json.loads((path / "user_llm.json").read_text())
-    user_llm = build.load_user_llm(path)
-    if user_llm.dim != table.shape[1]:
-        raise UserError(f"{path}: the User LLM is {user_llm.dim} wide but the embeddings have {table.shape[1]} "
-                        "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
-    model = CachedUserModel(table, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
-                            meta.get("adapter", False))
-    if (path / "user_head.safetensors").is_file():  # stage two's extra inputs (stage one has none)
-        build.load_user_head(model, path)
-    return model.eval(), meta
-
-
-@torch.no_grad()
-def user_vectors(model: CachedUserModel, examples: EvalExamples, max_len: int, time_precision: str,
-                 device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """(U, D) normalised next-item vectors from each example's last max_len history items.
-
-    Users are batched by history length and each batch is padded only to its longest history (positions start
-    at 0 for every user, so the amount of left padding does not change a user's vector)."""
-    offsets = examples.history_offsets
-    lengths = np.minimum(np.diff(offsets), max_len)
-    order = np.argsort(lengths, kind="stable")
-    vectors = torch.zeros(len(examples), model.user_llm.dim)
-    for start in range(0, len(examples), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(int(lengths[rows].max()), 1)
-        ids = left_pad([examples.history(i) for i in rows], width).to(device)
-        times = None
-        if model.time is not None:
-            stamps = left_pad([examples.history_timestamps[offsets[i]:offsets[i + 1]] for i in rows], width)
-            times = torch.from_numpy(time_features(stamps.numpy(), time_precision)).to(device)
-        vectors[torch.from_numpy(rows)] = model.user_vectors(ids, times).float().cpu()
-    if not torch.isfinite(vectors).all():
-        raise RuntimeError("the User LLM produced NaN or infinite user vectors")
-    return normalise(vectors)
 
 
 def _ivf_lists(config: EvalConfig, n_items: int) -> int:
@@ -283,8 +243,9 @@ def run(config: EvalConfig, log=print) -> dict:
             raise UserError(f"{root}: holds {embeddings.embeddings.shape[0] - 1} items but {data} has "
                             f"{seqs.num_items}; evaluate with the data these embeddings were made from")
         path = _user_llm_dir(config)
-        model, meta = load_user_model(path, embeddings.embeddings)
+        model, meta = build.load_user_model(path, embeddings.embeddings)
         model.to(device)
+        table = model.items.table()  # (N+1, D) the cached embeddings (through the adapter when there is one)
         max_len = config.max_len or int(meta.get("max_len", 200))
         trained_on = Path(meta.get("embeddings", root)).name
         if trained_on != root.name:
@@ -293,9 +254,12 @@ def run(config: EvalConfig, log=print) -> dict:
         log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
             f"targets, histories of up to {max_len} items")
         start = time.perf_counter()
-        queries = user_vectors(model, examples, max_len, meta.get("time_precision", "second"), device)
+        vectors = user_vectors(model, table, examples, max_len)
+        if not torch.isfinite(vectors).all():
+            raise RuntimeError("the User LLM produced NaN or infinite user vectors")
+        queries = normalise(vectors)
         timings["user_vectors_s"] = time.perf_counter() - start
-        items = normalise(model.item_table()[1:].cpu())  # (N, D) items 1..N
+        items = normalise(table[1:].cpu())  # (N, D) items 1..N
         if not np.isfinite(items).all():
             raise UserError(f"{root}: the item vectors hold NaN or infinite values; embed the catalogue again")
         start = time.perf_counter()

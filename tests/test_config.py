@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -86,3 +87,23 @@ def test_configs_are_frozen():
     conf = Demo(name="x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         conf.steps = 3  # type: ignore[misc]
+
+
+def test_every_stage_setting_is_documented_down_to_its_sections():
+    """Every field of every stage command's config, and of the sections nested in it, carries a docstring:
+    `--show-settings` and `--help` print them."""
+    from pipeline.cli import STAGES
+
+    seen, todo = set(), [spec.config for spec in STAGES.values()]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        docs = cfg.field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+        hints = typing.get_type_hints(cls)
+        todo += [hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    names = {cls.__name__ for cls in seen}
+    assert {"LoopConfig", "UserModelConfig", "ItemModelConfig"} <= names, names

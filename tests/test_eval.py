@@ -15,6 +15,7 @@ from conftest import make_cached_run, run_cli
 
 from pipeline import config as cfg
 from pipeline.cli import expand_multi_value_options
+from pipeline.data.sequences import UserSequences, eval_examples
 from pipeline.errors import UserError
 from pipeline.metrics import MISS, metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.search import (
@@ -185,13 +186,13 @@ def test_approximate_indexes_report_recall_against_exact(random_case):
 
 
 def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
+    from pipeline.batches import left_pad, user_vectors
     from pipeline.data.sequences import UserSequences, eval_examples
-    from pipeline.training import left_pad
 
     case = make_cached_run(tmp_path)
     conf = cfg.load(stage_two.TrainUserConfig, None, [f"data={case['data']}", f"run={case['run']}",
-                                                        "model.init=scratch", "model.name=llama-tiny",
-                                                        "model.time_embedding=true"])
+                                                        "user.init=scratch", "user.name=llama-tiny",
+                                                        "user.time_embedding=true"])
     from pipeline.embeddings.store import load_embeddings
 
     torch.manual_seed(0)
@@ -205,10 +206,12 @@ def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
     offsets, items = csr(keep)
     uneven = type(examples)("test", examples.users, examples.targets, examples.target_timestamps, offsets, items,
                             np.concatenate(stamps))
-    fast = evaluate.user_vectors(model, uneven, 8, "second", torch.device("cpu"), batch_size=16)
-    from pipeline.models.cached import time_features
+    table = model.items.table()
+    fast = normalise(user_vectors(model, table, uneven, 8, batch_size=16))
+    from pipeline.models.sequence_model import time_features
 
-    reference = model.user_vectors(left_pad(keep, 8), torch.from_numpy(time_features(left_pad(stamps, 8).numpy())))
+    times = torch.from_numpy(time_features(left_pad(stamps, 8).numpy()))
+    reference = model.user_vectors(table, left_pad(keep, 8), times)
     assert np.allclose(fast, normalise(reference), atol=1e-5)
 
 
@@ -229,7 +232,7 @@ def test_k_option_takes_several_values():
 def trained_run(tmp_path_factory) -> dict:
     case = make_cached_run(tmp_path_factory.mktemp("evalrun"))
     conf = cfg.load(stage_two.TrainUserConfig, None, [
-        f"data={case['data']}", f"run={case['run']}", "model.init=scratch", "model.name=llama-tiny",
+        f"data={case['data']}", f"run={case['run']}", "user.init=scratch", "user.name=llama-tiny",
         "train.batch_size=16", "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3", "train.epochs=12",
         "train.patience=30", "train.eval_users=60", "train.log_every=50", "device=cpu"])
     stage_two.run(conf, log=lambda _: None)
@@ -275,8 +278,8 @@ def test_popularity_model_and_approximate_index_through_the_command(trained_run,
     shutil.copytree(trained_run["run"], run)
     conf = evaluate.EvalConfig(run=run, data=trained_run["data"], k=(1, 10), model="popularity", split="valid")
     pop = evaluate.run(conf, log=lambda _: None)
-    counts = np.bincount(stage_two.UserSequences.load(trained_run["data"]).prefix(2).items, minlength=41)
-    examples = stage_two.eval_examples(stage_two.UserSequences.load(trained_run["data"]), "valid")
+    counts = np.bincount(UserSequences.load(trained_run["data"]).prefix(2).items, minlength=41)
+    examples = eval_examples(UserSequences.load(trained_run["data"]), "valid")
     reference = popularity_ranks(counts, examples.targets, [examples.history(i) for i in range(len(examples))])
     assert pop["metrics"] == pytest.approx(metrics_from_ranks(reference, (1, 10)))
     hnsw = evaluate.run(evaluate.EvalConfig(run=run, data=trained_run["data"], k=(1, 10), index="hnsw"),
@@ -322,7 +325,7 @@ def test_eval_without_a_trained_model_says_what_to_run(tmp_path):
 
 
 def test_search_benchmark_paths_agree_and_write_json(tmp_path):
-    from pipeline.bench import bench_search
+    from bench.benchmarks import bench_search
 
     result = bench_search(tmp_path / "search.json", users=64, items=600, dim=16, k=20, batch_size=16, loop_users=32,
                           log=lambda _: None)

@@ -1,4 +1,4 @@
-"""Each raw format, written as a small fixture, prepares into the canonical tables of DESIGN.md."""
+"""Each raw format, written as a small fixture, prepares into the canonical tables described in the README."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_real_minilm_embeds_every_ml100k_item_once(prepared, tmp_path):
     _, data, _ = prepared["ml-100k"]
     out = tmp_path / "run"
     done = run_cli("embed-items", "--config", str(REPO / "stages/configs/embed-ml-100k-cpu.yaml"), f"data={data}",
-                   f"out={out}", "train.finetune=false", "device=cpu")
+                   f"out={out}", "finetune=false", "device=cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     version = (out / "embeddings" / "CURRENT").read_text().strip()
     table = load_embeddings(out / "embeddings" / version)

@@ -17,14 +17,18 @@ from conftest import REPO, make_planted_data, make_tiny_item_model, run_cli
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
+from pipeline import loop
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import embed_items, embed_items_reference
 from pipeline.errors import UserError
 from pipeline.loop import lr_lambda
 from pipeline.models import build
-from pipeline.models.hllm import HLLM, ItemLLM, nce_loss
+from pipeline.models.item_sources import TextItems
+from pipeline.models.llm import ItemLLM
+from pipeline.models.loss import nce_loss
+from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
-from pipeline.training import validate
+from pipeline.validation import validate
 from stages import embed_items as stage
 
 
@@ -36,12 +40,12 @@ def planted(tmp_path_factory) -> dict:
 
 
 def settings(planted, out: Path, *extra: str, kind: str = "llama") -> stage.EmbedItemsConfig:
-    base = [f"data={planted['data']}", f"out={out}", f"model.item_model={planted[kind]}", "model.user_model=llama-tiny",
-            "model.max_text_tokens=16", "train.batch_size=16", "train.max_len=5", "train.num_negatives=16",
+    base = [f"data={planted['data']}", f"out={out}", f"item.model={planted[kind]}", "user.name=llama-tiny",
+            "item.max_text_tokens=16", "train.batch_size=16", "train.max_len=5", "train.num_negatives=16",
             "train.lr=3e-3", "train.eval_users=120", "train.log_every=50", "train.checkpoint_every=1000",
             "embed.shard_rows=7", "device=cpu"]
     if kind == "bert":
-        base.append("model.pooling=mean")
+        base.append("item.pooling=mean")
     return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
 
 
@@ -149,13 +153,13 @@ def test_encoder_as_user_llm_is_refused(planted):
 
 
 def test_bad_model_settings_are_one_line_errors(planted, tmp_path):
-    base = [f"data={planted['data']}", f"out={tmp_path / 'o'}", "model.user_model=llama-tiny", "device=cpu"]
+    base = [f"data={planted['data']}", f"out={tmp_path / 'o'}", "user.name=llama-tiny", "device=cpu"]
     cases = [
-        (["model.item_model=/no/such/model"], "not a preset"),
-        (["model.item_model=llama-tiny"], "config-only preset without a tokenizer"),
-        ([f"model.item_model={planted['llama']}", f"model.user_model={planted['bert']}"], "causal decoder"),
-        ([f"model.item_model={planted['llama']}", "train.batch_size=0"], "train.batch_size=0: must be >= 1"),
-        ([f"model.item_model={planted['llama']}", "model.pooling=cls"], "expected one of item_token, mean"),
+        (["item.model=/no/such/model"], "not a preset"),
+        (["item.model=llama-tiny"], "config-only preset without a tokenizer"),
+        ([f"item.model={planted['llama']}", f"user.name={planted['bert']}"], "causal decoder"),
+        ([f"item.model={planted['llama']}", "train.batch_size=0"], "train.batch_size=0: must be >= 1"),
+        ([f"item.model={planted['llama']}", "item.pooling=cls"], "expected one of item_token, mean"),
     ]
     for extra, message in cases:
         done = run_cli("embed-items", *base, *extra)
@@ -174,12 +178,12 @@ def test_planted_pattern_is_learned(planted, tmp_path, kind):
     conf = settings(planted, tmp_path / "run", "train.epochs=15", "train.patience=20", kind=kind)
     torch.manual_seed(conf.seed)
     user_llm = build.build_user_llm("llama-tiny", "scratch", log=quiet)
-    item_llm, tokenizer = build.build_item_llm(str(planted[kind]), "pretrained", conf.model.pooling, user_llm.dim,
+    item_llm, tokenizer = build.build_item_llm(str(planted[kind]), "pretrained", conf.item.pooling, user_llm.dim,
                                                log=quiet)
     seqs, items = stage._load_data(conf.data)
     catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), 16)
-    untrained = validate(HLLM(item_llm, user_llm), catalogue, seqs, 5, 120, conf.seed, 4096,
-                         conf.model.positions)
+    untrained = validate(SequenceModel(TextItems(item_llm, catalogue, tokenizer, conf.item.positions, 4096), user_llm),
+                         seqs, 5, 120, conf.seed)
     stage.run(conf, log=quiet)
     history = [json.loads(line) for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl") if "valid" in line]
     best = max(h["valid"]["recall@10"] for h in history)
@@ -195,7 +199,7 @@ def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
     stage.run(settings(planted, tmp_path / "straight", *extra), log=quiet)
 
     calls = {"n": 0}
-    real = stage.make_batch
+    real = loop.make_step_batch
 
     def crash_at_step_6(*args, **kwargs):
         calls["n"] += 1
@@ -203,12 +207,12 @@ def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "make_batch", crash_at_step_6)
+    monkeypatch.setattr(loop, "make_step_batch", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
-    saved = torch.load(tmp_path / "resumed" / "stage1" / "state.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "stage1" / "state.pt", weights_only=True)
     assert saved["state"]["step"] == 4
-    monkeypatch.setattr(stage, "make_batch", real)
+    monkeypatch.setattr(loop, "make_step_batch", real)
     stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
     for sub in ("item_llm/backbone/model.safetensors", "item_llm/item_head.safetensors",
                 "user_llm_stage1/model.safetensors"):
@@ -238,11 +242,11 @@ from pipeline import config as cfg
 from stages import embed_items as stage
 
 seen = {{}}
-forward = stage.HLLM.forward
+forward = stage.SequenceModel.forward
 def remember(self, *args, **kwargs):
     seen["model"] = self
     return forward(self, *args, **kwargs)
-stage.HLLM.forward = remember
+stage.SequenceModel.forward = remember
 load = stage.build.load_item_llm
 def dump_then_load(*args, **kwargs):  # the end of training, before the best checkpoint is reloaded
     if "model" in seen and not seen.get("dumped"):
@@ -275,30 +279,30 @@ stage.run(cfg.load(stage.EmbedItemsConfig, sys.argv[1]), log=lambda _: None)
         diff = (rank0[key].float() - single[key].float()).abs()
         assert diff.max() < 3e-4 and diff.mean() < 1e-6, (key, diff.max(), diff.mean())
     before = load_file(planted[kind] / "model.safetensors")
-    assert any(not torch.allclose(before[k], rank0[f"item_llm.backbone.{k}"]) for k in before
-               if f"item_llm.backbone.{k}" in rank0), "nothing was trained"
+    assert any(not torch.allclose(before[k], rank0[f"items.item_llm.backbone.{k}"]) for k in before
+               if f"items.item_llm.backbone.{k}" in rank0), "nothing was trained"
 
 
 def test_early_stopping_keeps_the_best_epoch(planted, tmp_path, monkeypatch):
     scores = iter([0.5, 0.4, 0.3, 0.9, 0.9])
-    real = stage.validate
+    real = loop.validate
 
     def declining(*args, **kwargs):
         metrics = real(*args, **kwargs)
         metrics["ndcg@200"] = next(scores)
         return metrics
 
-    monkeypatch.setattr(stage, "validate", declining)
+    monkeypatch.setattr(loop, "validate", declining)
     out = tmp_path / "es"
     stage.run(settings(planted, out, "train.epochs=5", "train.patience=2", "train.eval_users=20"), log=quiet)
     epochs = [json.loads(line)["epoch"] for line in open(out / "stage1" / "metrics.jsonl") if "valid" in line]
     assert epochs == [0, 1, 2]  # stopped after two epochs without improvement
-    last = torch.load(out / "stage1" / "state.pt", weights_only=False)["model"]
+    last = torch.load(out / "stage1" / "state.pt", weights_only=True)["model"]
     final = load_file(out / "item_llm" / "backbone" / "model.safetensors")
     best = load_file(out / "stage1" / "best" / "item_llm" / "backbone" / "model.safetensors")
     for key in final:
         torch.testing.assert_close(final[key], best[key], rtol=0, atol=0)
-    assert any(not torch.allclose(final[k], last[f"item_llm.backbone.{k}"]) for k in final)
+    assert any(not torch.allclose(final[k], last[f"items.item_llm.backbone.{k}"]) for k in final)
     assert json.loads((out / "user_llm_stage1" / "user_llm.json").read_text())["logit_scale"] == json.loads(
         (out / "stage1" / "best" / "user_llm" / "user_llm.json").read_text())["logit_scale"]
 
@@ -319,7 +323,7 @@ def shard_digests(root: Path) -> dict[str, str]:
 
 
 def test_embeddings_cover_the_catalogue_once_without_nan(planted, tmp_path):
-    root = stage.run(settings(planted, tmp_path / "e", "train.finetune=false"), log=quiet)
+    root = stage.run(settings(planted, tmp_path / "e", "finetune=false"), log=quiet)
     table = store.load_embeddings(root)
     assert table.manifest["rows"] == 40 and table.embeddings.shape == (41, 64)
     assert len(table.manifest["shards"]) == 6  # 40 items in shards of 7
@@ -333,7 +337,7 @@ def test_embeddings_cover_the_catalogue_once_without_nan(planted, tmp_path):
 
 
 def test_corrupt_shard_is_refused(planted, tmp_path):
-    root = stage.run(settings(planted, tmp_path / "c", "train.finetune=false"), log=quiet)
+    root = stage.run(settings(planted, tmp_path / "c", "finetune=false"), log=quiet)
     shard = root / "shard-00002.safetensors"
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF
@@ -343,7 +347,7 @@ def test_corrupt_shard_is_refused(planted, tmp_path):
 
 
 def test_embedding_job_resumes_with_identical_shards(planted, tmp_path, monkeypatch):
-    straight = stage.run(settings(planted, tmp_path / "a", "train.finetune=false"), log=quiet)
+    straight = stage.run(settings(planted, tmp_path / "a", "finetune=false"), log=quiet)
     real_write = store.ShardWriter.write
 
     def die_after_three(self, index, *args):
@@ -353,7 +357,7 @@ def test_embedding_job_resumes_with_identical_shards(planted, tmp_path, monkeypa
 
     monkeypatch.setattr(store.ShardWriter, "write", die_after_three)
     with pytest.raises(KeyboardInterrupt):
-        stage.run(settings(planted, tmp_path / "b", "train.finetune=false"), log=quiet)
+        stage.run(settings(planted, tmp_path / "b", "finetune=false"), log=quiet)
     partial = next((tmp_path / "b" / "embeddings").iterdir())
     assert not (partial / "manifest.json").exists()  # not visible before it is complete
     assert sorted(p.name for p in partial.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
@@ -361,7 +365,7 @@ def test_embedding_job_resumes_with_identical_shards(planted, tmp_path, monkeypa
     written = []
     monkeypatch.setattr(store.ShardWriter, "write", lambda self, index, *a: (written.append(index),
                                                                              real_write(self, index, *a)))
-    resumed = stage.run(settings(planted, tmp_path / "b", "train.finetune=false"), log=quiet)
+    resumed = stage.run(settings(planted, tmp_path / "b", "finetune=false"), log=quiet)
     assert written == [3, 4, 5]  # only the missing shards were computed
     assert resumed.name == straight.name
     assert shard_digests(resumed) == shard_digests(straight)
@@ -378,11 +382,11 @@ def test_duplicate_item_in_two_shards_is_refused(tmp_path):
 
 
 def test_parquet_shards_hold_the_same_embeddings(planted, tmp_path):
-    a = store.load_embeddings(stage.run(settings(planted, tmp_path / "s", "train.finetune=false"), log=quiet))
-    b = store.load_embeddings(stage.run(settings(planted, tmp_path / "p", "train.finetune=false",
+    a = store.load_embeddings(stage.run(settings(planted, tmp_path / "s", "finetune=false"), log=quiet))
+    b = store.load_embeddings(stage.run(settings(planted, tmp_path / "p", "finetune=false",
                                                  "embed.format=parquet"), log=quiet))
     torch.testing.assert_close(a.embeddings, b.embeddings)
-    c = store.load_embeddings(stage.run(settings(planted, tmp_path / "h", "train.finetune=false",
+    c = store.load_embeddings(stage.run(settings(planted, tmp_path / "h", "finetune=false",
                                                  "embed.dtype=float16"), log=quiet))
     assert c.embeddings.dtype == torch.float16
     torch.testing.assert_close(c.embeddings.float(), a.embeddings, atol=1e-2, rtol=1e-2)
@@ -402,7 +406,7 @@ def test_embed_mfu_benchmark_runs_and_writes_json(tmp_path):
 def test_gathering_item_rows_has_a_deterministic_gradient():
     """Stage one gathers each batch's unique item embeddings into sequences with many repeats; the gradient must
     not depend on thread timing (plain indexing's multithreaded backward made runs differ by ~1e-5)."""
-    from pipeline.models.hllm import gather_rows
+    from pipeline.models.sequence_model import gather_rows
 
     torch.manual_seed(0)
     table = torch.randn(60, 64, requires_grad=True)

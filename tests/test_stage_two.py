@@ -12,9 +12,13 @@ from conftest import make_cached_run
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
+from pipeline import loop
+from pipeline.data.sequences import UserSequences
 from pipeline.errors import UserError
+from pipeline.loop import LoopConfig
 from pipeline.models import build
-from pipeline.models.cached import CachedUserModel, time_features
+from pipeline.models.sequence_model import SequenceModel, time_features
+from pipeline.validation import validate
 from stages import train_user as stage
 
 
@@ -29,7 +33,7 @@ def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
 
     if not run.exists():
         shutil.copytree(cached["run"], run)
-    base = [f"data={cached['data']}", f"run={run}", "model.init=scratch", "model.name=llama-tiny",
+    base = [f"data={cached['data']}", f"run={run}", "user.init=scratch", "user.name=llama-tiny",
             "train.batch_size=16", "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3",
             "train.eval_users=120", "train.log_every=5", "train.checkpoint_every=1000", "device=cpu"]
     return cfg.load(stage.TrainUserConfig, None, base + list(extra))
@@ -41,7 +45,8 @@ def quiet(_):
 
 def test_planted_pattern_is_learned_from_cached_embeddings(cached, tmp_path):
     conf = settings(cached, tmp_path / "run", "train.epochs=20", "train.patience=30")
-    untrained = stage.validate(_fresh(conf), stage.UserSequences.load(conf.data), conf)
+    untrained = validate(_fresh(conf), UserSequences.load(conf.data), conf.train.max_len, conf.train.eval_users,
+                         conf.seed)
     stage.run(conf, log=quiet)
     history = [json.loads(line) for line in open(tmp_path / "run" / "stage2" / "metrics.jsonl") if "valid" in line]
     best = max(h["valid"]["recall@10"] for h in history)
@@ -51,7 +56,7 @@ def test_planted_pattern_is_learned_from_cached_embeddings(cached, tmp_path):
     assert (tmp_path / "run" / "user_llm" / "user_head.safetensors").is_file()
 
 
-def _fresh(conf: stage.TrainUserConfig) -> CachedUserModel:
+def _fresh(conf: stage.TrainUserConfig) -> SequenceModel:
     from pipeline.embeddings.store import load_embeddings
 
     torch.manual_seed(conf.seed)
@@ -62,7 +67,7 @@ def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
     extra = ("train.max_steps=12", "train.checkpoint_every=4", "train.eval_users=0", "train.log_every=1")
     stage.run(settings(cached, tmp_path / "a", *extra), log=quiet)
     calls = {"n": 0}
-    real = stage.sample_negatives
+    real = loop.sample_negatives
 
     def crash_at_step_7(*args, **kwargs):
         calls["n"] += 1
@@ -70,10 +75,10 @@ def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "sample_negatives", crash_at_step_7)
+    monkeypatch.setattr(loop, "sample_negatives", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
-    monkeypatch.setattr(stage, "sample_negatives", real)
+    monkeypatch.setattr(loop, "sample_negatives", real)
     stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
 
     def losses(run: Path) -> dict[int, float]:
@@ -90,17 +95,19 @@ def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
 
 
 def test_time_and_id_inputs_change_the_output_and_train(cached, tmp_path):
-    conf = settings(cached, tmp_path / "t", "model.time_embedding=true", "model.item_id_embedding=true",
+    conf = settings(cached, tmp_path / "t", "user.time_embedding=true", "user.item_id_embedding=true",
                     "train.max_steps=6", "train.eval_users=0")
     model = _fresh(conf).eval()
     ids = torch.tensor([[0, 3, 4, 5]])
     early = torch.from_numpy(time_features(np.array([[0, 1_000_000_000, 1_000_000_100, 1_000_000_200]])))
     late = torch.from_numpy(time_features(np.array([[0, 1_500_000_000, 1_500_000_100, 1_500_000_200]])))
-    assert not torch.allclose(model.user_vectors(ids, early), model.user_vectors(ids, late))
+    table = model.items.table()
+    assert not torch.allclose(model.user_vectors(table, ids, early), model.user_vectors(table, ids, late))
     other_ids = ids.clone()
     with torch.no_grad():
         model.item_ids.weight[5] += 1.0
-    assert not torch.allclose(_fresh(conf).eval().user_vectors(ids, early), model.user_vectors(other_ids, early))
+    assert not torch.allclose(_fresh(conf).eval().user_vectors(table, ids, early),
+                              model.user_vectors(table, other_ids, early))
     before = {k: v.clone() for k, v in _fresh(conf).state_dict().items() if k.startswith(("time.", "item_ids."))}
     stage.run(conf, log=quiet)
     after = load_file(tmp_path / "t" / "user_llm" / "user_head.safetensors")
@@ -120,18 +127,18 @@ def test_stage_two_never_builds_the_item_llm(cached, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "build_item_llm", forbidden)
     monkeypatch.setattr(build, "load_item_llm", forbidden)
-    monkeypatch.setattr("pipeline.models.hllm.ItemLLM.__init__", forbidden)
+    monkeypatch.setattr("pipeline.models.llm.ItemLLM.__init__", forbidden)
     stage.run(settings(cached, tmp_path / "n", "train.max_steps=2", "train.eval_users=10"), log=quiet)
 
 
 def test_adapter_starts_as_identity_and_width_mismatch_is_refused(cached, tmp_path):
-    conf = settings(cached, tmp_path / "ad", "model.adapter=true")
+    conf = settings(cached, tmp_path / "ad", "adapter=true")
     model = _fresh(conf)
-    torch.testing.assert_close(model.item_table(), model.table)
-    bad = settings(cached, tmp_path / "w", "model.name=llama-small")
+    torch.testing.assert_close(model.items.table(), model.items.cached)
+    bad = settings(cached, tmp_path / "w", "user.name=llama-small")
     with pytest.raises(UserError, match="hidden size is 384 but the cached embeddings have 64"):
         stage.run(bad, log=quiet)
-    missing = settings(cached, tmp_path / "s", "model.init=stage-one")
+    missing = settings(cached, tmp_path / "s", "user.init=stage-one")
     with pytest.raises(UserError, match="no stage-one User LLM"):
         stage.run(missing, log=quiet)
 
@@ -165,7 +172,7 @@ def test_two_processes_match_one_process(cached, tmp_path):
     weights = {}
     for procs in (1, 2):
         conf = settings(cached, tmp_path / f"p{procs}", "train.max_steps=6", "train.eval_users=0", "train.lr=3e-4",
-                        "model.time_embedding=true")
+                        "user.time_embedding=true")
         cfg.save(conf, tmp_path / f"p{procs}.yaml")
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={procs}", str(script), str(tmp_path / f"p{procs}.yaml")],
@@ -207,4 +214,4 @@ def test_tensorboard_without_the_package_is_a_clear_config_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(UserError, match="pip install tensorboard"):
-        stage.UserTrainConfig(tensorboard=True)
+        LoopConfig(tensorboard=True)

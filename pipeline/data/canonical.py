@@ -1,4 +1,4 @@
-"""Build the canonical tables (DESIGN.md "Contracts") from a reader's raw tables, for every format alike.
+"""Build the canonical tables from a reader's raw tables, for every format alike.
 
 Decisions, in order; each unusable row is kept in rejected.parquet with its reason, never dropped silently:
   items:        missing item id, duplicate item id (the first row wins)

@@ -165,6 +165,15 @@ class EvalExamples:
     def history(self, i: int) -> np.ndarray:
         return self.history_items[self.history_offsets[i]:self.history_offsets[i + 1]]
 
+    def subset(self, rows: np.ndarray) -> EvalExamples:
+        """The examples at positions `rows`, in that order."""
+        lengths = np.diff(self.history_offsets)[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        pos = np.repeat(self.history_offsets[rows], lengths) + concat_ranges(lengths)
+        return EvalExamples(self.split, self.users[rows], self.targets[rows], self.target_timestamps[rows], offsets,
+                            self.history_items[pos], self.history_timestamps[pos])
+
 
 def eval_examples(seqs: UserSequences, split: Literal["valid", "test"]) -> EvalExamples:
     """Validation (second to last item) or test (last item) targets with every earlier item as history."""

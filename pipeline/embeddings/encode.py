@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.models.hllm import ItemLLM
+from pipeline.models.llm import ItemLLM
 from pipeline.models.tokens import TokenizedCatalogue, budget_batches
 
 

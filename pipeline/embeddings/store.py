@@ -1,4 +1,4 @@
-"""The item-embedding store: `embeddings/<version>/` with shards and a manifest (DESIGN.md "Embedding store").
+"""The item-embedding store: `embeddings/<version>/` with shards and a manifest.
 
     shard-00000.safetensors   tensors item_idx int64 [n] and embedding [n, d] (or .parquet: the same columns,
                               embedding as a fixed-size list)

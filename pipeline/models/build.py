@@ -1,23 +1,55 @@
-"""Build the Item and User LLMs from a model name, save them, and load them back.
+"""Build the Item and User LLMs from a model name or a settings section, save them, and load them back.
 
 Saved layout of an Item LLM (`item_llm/`): backbone/ (a Hugging Face directory with its tokenizer),
 item_head.safetensors (the [ITEM] vector and the projection) and item_llm.json (pooling, positions, sizes).
-A User LLM (`user_llm/`) is a Hugging Face directory plus user_llm.json.
+Every User LLM, whichever stage trained it, is saved one way (`user_llm/`, `user_llm_stage1/`): a Hugging Face
+directory of the decoder, user_head.safetensors (the logit scale and the model's other small trained pieces:
+time and item-ID embeddings, the adapter of cached embeddings) and user_llm.json (how to rebuild it).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir
 from pipeline.models import presets
-from pipeline.models.hllm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings
+from pipeline.models.item_sources import CachedItems, ItemSource, TextItems
+from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings
+from pipeline.models.sequence_model import TIME_FIELDS, SequenceModel
+
+
+@dataclass(frozen=True)
+class UserModelConfig:
+    init: Literal["stage-one", "pretrained", "scratch"] = "scratch"
+    """stage-one (stage two only): the User LLM trained with the Item LLM (run/user_llm_stage1); pretrained:
+    `name`'s weights; scratch: `name`'s architecture with random weights."""
+    name: str = "llama-small"
+    """For init=pretrained|scratch: a decoder preset (llama-tiny, llama-small, smollm2-135m), directory or hub
+    name. Its hidden size must equal the item embedding size."""
+    layers: int | None = None
+    """With init=scratch: keep only this many decoder layers of the architecture."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (long sequences on a small GPU)."""
+    time_embedding: bool = False
+    """Add the paper's timestamp embedding (Algorithm 1) to each position's input."""
+    time_precision: Literal["year", "month", "day", "hour", "minute", "second"] = "second"
+    """Finest calendar field the time embedding sees."""
+    item_id_embedding: bool = False
+    """Add a learned item-ID embedding to each position's input (slightly negative in the paper)."""
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"user.layers={self.layers}: must be >= 1")
 
 
 def _quiet_transformers() -> None:
@@ -136,26 +168,56 @@ def load_item_llm(path: Path, attn_implementation: str = "sdpa") -> tuple[ItemLL
     return item_llm, AutoTokenizer.from_pretrained(path / "backbone"), meta
 
 
-def save_user_llm(user_llm: UserLLM, path: Path, meta: dict) -> None:
-    with atomic_dir(path) as out:
-        user_llm.backbone.save_pretrained(out)
-        (out / "user_llm.json").write_text(json.dumps(meta, indent=2))
+def user_llm_from(config: UserModelConfig, stage_one: Path | None = None, log=print) -> UserLLM:
+    """The User LLM a settings section asks for (init=stage-one reads `stage_one`, a saved User LLM folder)."""
+    if config.init != "stage-one":
+        return build_user_llm(config.name, config.init, config.attn_implementation, config.layers, log=log)
+    if stage_one is None or not (stage_one / "user_llm.json").is_file():
+        raise UserError(f"{stage_one}: no stage-one User LLM; run stage one or set user.init=scratch|pretrained")
+    return load_user_llm(stage_one, config.attn_implementation)
 
 
-def save_user_head(model: nn.Module, path: Path, meta: dict) -> None:
-    """Stage two's User LLM (a CachedUserModel) as a Hugging Face directory plus its extra inputs
-    (user_head.safetensors: time/ID embeddings, adapter, logit scale) and user_llm.json, atomically."""
+def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig) -> SequenceModel:
+    if user_llm.dim != items.dim:
+        raise UserError(f"the User LLM's hidden size is {user_llm.dim} but the {items.kind} embeddings have "
+                        f"{items.dim} dimensions; choose a User LLM of that width (or user.init=stage-one)")
+    model = SequenceModel(items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision)
+    if config.gradient_checkpointing:
+        user_llm.backbone.gradient_checkpointing_enable()
+    return model
+
+
+def text_source(model: SequenceModel) -> TextItems | None:
+    """The model's Item LLM source, if it reads item text."""
+    return next((m for m in model.items.modules() if isinstance(m, TextItems)), None)
+
+
+def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
+    """The User LLM as a Hugging Face directory + user_head.safetensors + user_llm.json, atomically. The head
+    holds every weight of the model but the decoder's and the Item LLM's (saved on its own as item_llm/)."""
     with atomic_dir(path) as out:
         model.user_llm.backbone.save_pretrained(out)
-        extras = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                  if not k.startswith("user_llm.")}
-        save_file(extras, str(out / "user_head.safetensors"))
-        (out / "user_llm.json").write_text(json.dumps(meta, indent=2))
+        head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                if not k.startswith("user_llm.") and ".item_llm." not in f".{k}"}
+        save_file(head, str(out / "user_head.safetensors"))
+        described = {"time_embedding": model.time is not None, "time_precision": model.time_precision,
+                     "time_fields": TIME_FIELDS, "item_id_embedding": model.item_ids is not None,
+                     "adapter": getattr(model.items, "adapter", None) is not None,
+                     "logit_scale": model.logit_scale.item()}
+        (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
 
-def load_user_head(model: nn.Module, path: Path) -> None:
-    """Load the extra inputs saved by save_user_head into a CachedUserModel (its User LLM is loaded apart)."""
-    model.load_state_dict(load_file(str(path / "user_head.safetensors")), strict=False)
+def load_user_head(model: SequenceModel, path: Path) -> None:
+    """Load a saved User LLM's head into `model` (the weights it has a place for, of the same shape). A folder of
+    an older version without a head file has only the logit scale, in user_llm.json."""
+    if not (path / "user_head.safetensors").is_file():
+        with torch.no_grad():
+            model.logit_scale.fill_(json.loads((path / "user_llm.json").read_text())["logit_scale"])
+        return
+    head = load_file(str(path / "user_head.safetensors"))
+    head = {("items." + k if k.startswith("adapter.") else k): v for k, v in head.items()}  # older name
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in head.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 
 def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
@@ -167,3 +229,33 @@ def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
     backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
     backbone.config.use_cache = False
     return UserLLM(backbone)
+
+
+def load_user_model(path: Path, table: torch.Tensor) -> tuple[SequenceModel, dict]:
+    """A saved User LLM (of either stage) over a cached embedding table, ready to score users; and its metadata."""
+    meta = json.loads((path / "user_llm.json").read_text())
+    user_llm = load_user_llm(path)
+    if user_llm.dim != table.shape[1]:
+        raise UserError(f"{path}: the User LLM is {user_llm.dim} wide but the embeddings have {table.shape[1]} "
+                        "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
+    model = SequenceModel(CachedItems(table, meta.get("adapter", False)), user_llm, meta.get("time_embedding", False),
+                          meta.get("item_id_embedding", False), meta.get("time_precision", "second"))
+    load_user_head(model, path)
+    return model.eval(), meta
+
+
+def save_model(model: SequenceModel, folder: Path, meta: dict | None = None) -> None:
+    """The trained weights under `folder`: user_llm/ and, for a model that reads text, item_llm/."""
+    text = text_source(model)
+    if text is not None:
+        save_item_llm(text.item_llm, text.tokenizer, folder / "item_llm", text.meta)
+    save_user_llm(model, folder / "user_llm", meta or {})
+
+
+def load_model_weights(model: SequenceModel, folder: Path) -> None:
+    """Load what save_model wrote into `model`."""
+    text = text_source(model)
+    if text is not None:
+        text.item_llm.load_state_dict(load_item_llm(folder / "item_llm")[0].state_dict())
+    model.user_llm.load_state_dict(load_user_llm(folder / "user_llm").state_dict())
+    load_user_head(model, folder / "user_llm")

@@ -23,6 +23,7 @@ from pipeline.embeddings.encode import embed_items, embed_items_reference
 from pipeline.errors import UserError
 from pipeline.io import write_json_atomic
 from pipeline.models import build
+from pipeline.models.presets import PRESETS
 from pipeline.models.tokens import TokenizedCatalogue
 
 
@@ -126,8 +127,9 @@ SHAPES = {
                            num_key_value_heads=4, vocab_size=32000),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
-    "llama-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=6,
-                        num_key_value_heads=6, vocab_size=1),
+    # the User LLM of the CPU configs, from the preset table
+    "llama-small": {k: v for k, v in PRESETS["llama-small"].config.items()
+                    if k not in ("model_type", "max_position_embeddings", "rms_norm_eps")},
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
@@ -137,7 +139,7 @@ def bench_embed_mfu(shape: str, out: Path, text_tokens: int = 256, batch_tokens:
     """Tokens/s and MFU of the Item LLM forward (the embedding job's work) for a model of a real shape."""
     from transformers import AutoConfig, AutoModel
 
-    from pipeline.models.hllm import ItemLLM
+    from pipeline.models.llm import ItemLLM
 
     if shape not in SHAPES:
         raise UserError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
@@ -214,7 +216,8 @@ def _train_one(shape: str, length: int, attn: str, batch_positions: int, steps: 
     """One configuration in a fresh process: forward + backward of the stage-two loss on random inputs."""
     from transformers import AutoConfig, AutoModel
 
-    from pipeline.models.hllm import UserLLM, drop_word_embeddings, nce_loss
+    from pipeline.models.llm import UserLLM, drop_word_embeddings
+    from pipeline.models.loss import nce_loss
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()

@@ -1,0 +1,1 @@
+"""Benchmarks behind `hllm-pipeline bench`: each writes JSON under bench/results/ naming the machine it ran on."""

@@ -1,0 +1,154 @@
+"""Batches: training steps over user sequences, the shared negatives, and padded histories for user vectors.
+
+Everything random is derived from (seed, epoch) or (seed, step, micro-step), never from a generator carried
+along, so a run resumed from a checkpoint at step s continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from pipeline.data.sequences import EvalExamples, TrainingWindows
+from pipeline.models.item_sources import ItemSource
+from pipeline.models.sequence_model import SequenceModel, time_features
+
+
+class SequenceBatches:
+    """Each epoch: a seeded permutation of the training windows cut into global batches of `batch_size`;
+    process `rank` of `world` takes its contiguous share. The last batch wraps around to stay full."""
+
+    def __init__(self, windows: TrainingWindows, batch_size: int, seed: int) -> None:
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.width = int((windows.stops - windows.starts).max()) if len(windows) else 2
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
+    def global_indices(self, epoch: int, index: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+        picks = np.arange(index * self.batch_size, (index + 1) * self.batch_size) % len(order)
+        return order[picks]
+
+    def item_ids(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """(batch_size / world, width) item_idx of process `rank`'s sequences, left-padded with 0."""
+        return self._rows(self.windows.source.items, epoch, index, rank, world)
+
+    def timestamps(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The same sequences' timestamps (0 on padding)."""
+        return self._rows(self.windows.source.timestamps, epoch, index, rank, world)
+
+    def _rows(self, values: np.ndarray, epoch: int, index: int, rank: int, world: int) -> np.ndarray:
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of processes {world}")
+        share = self.batch_size // world
+        picks = self.global_indices(epoch, index)[rank * share:(rank + 1) * share]
+        out = np.zeros((len(picks), self.width), dtype=np.int64)
+        for row, w in enumerate(picks):
+            seq = values[self.windows.starts[w]:self.windows.stops[w]]
+            out[row, self.width - len(seq):] = seq
+        return out
+
+
+def sample_negatives(num_items: int, count: int, seed: int, step: int, micro: int) -> np.ndarray:
+    """`count` item_idx drawn uniformly from 1..num_items, the same on every process for a given step."""
+    return np.random.default_rng([seed, 7919, step, micro]).integers(1, num_items + 1, size=count)
+
+
+@dataclass
+class StepBatch:
+    """One micro-step's input for this process (what SequenceModel.forward reads)."""
+
+    seq_ids: torch.Tensor
+    """(b, L+1) item_idx of this process's sequences, left-padded with 0."""
+    seq_index: torch.Tensor
+    """(b, L+1) row of each sequence item in the item source's output (padding -> row 0, masked)."""
+    item_inputs: dict
+    """What the item source's forward takes for the step's distinct items."""
+    neg_index: torch.Tensor
+    """(k,) rows of this process's negatives in the item source's output."""
+    negative_ids: torch.Tensor
+    """(K,) item_idx of every negative of the step, in the order the model sees them (gathered order)."""
+    times: torch.Tensor | None
+    """(b, L+1, 6) calendar fields of the sequence items, or None without a time embedding."""
+    in_batch_negatives: bool
+    """Also use the batch's other targets as negatives."""
+    positions: int
+    """Valid (input, target) positions in this process's share."""
+    items: int
+    """Distinct items embedded, for the throughput log."""
+    tokens: int
+    """Item tokens encoded (text sources), for the throughput log."""
+
+    def to(self, device: torch.device) -> StepBatch:
+        return replace(self, seq_ids=self.seq_ids.to(device), seq_index=self.seq_index.to(device),
+                       item_inputs=_to(self.item_inputs, device), neg_index=self.neg_index.to(device),
+                       negative_ids=self.negative_ids.to(device),
+                       times=self.times.to(device) if self.times is not None else None)
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    return obj
+
+
+def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarray, rank: int, world: int,
+                    timestamps: np.ndarray | None = None, time_precision: str = "second",
+                    in_batch_negatives: bool = False) -> StepBatch:
+    """Embed each distinct item of the step once: this process's sequence items and negatives (all of them, or
+    its share negatives[rank::world] where the source embeds negatives in shares)."""
+    local_negs = negatives[rank::world] if source.shard_negatives else negatives
+    unique = np.unique(np.concatenate([seq_ids[seq_ids > 0], local_negs]))  # (U,)
+    item_inputs, order, tokens = source.prepare(unique)
+    row_of = np.empty(len(unique), dtype=np.int64)
+    row_of[order] = np.arange(len(order))
+    seq_index = np.where(seq_ids > 0, row_of[np.searchsorted(unique, seq_ids)], 0)
+    gathered = np.concatenate([negatives[r::world] for r in range(world)]) if source.shard_negatives else negatives
+    times = torch.from_numpy(time_features(timestamps, time_precision)) if timestamps is not None else None
+    return StepBatch(
+        seq_ids=torch.from_numpy(seq_ids), seq_index=torch.from_numpy(seq_index), item_inputs=item_inputs,
+        neg_index=torch.from_numpy(row_of[np.searchsorted(unique, local_negs)]),
+        negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
+        in_batch_negatives=in_batch_negatives,
+        positions=int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()), items=len(unique), tokens=tokens)
+
+
+def left_pad(histories: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(histories), width), dtype=np.int64)
+    for row, h in enumerate(histories):
+        h = h[-width:]
+        out[row, width - len(h):] = h
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExamples, max_len: int,
+                 batch_size: int = 256) -> torch.Tensor:
+    """(E, D) float32 next-item vectors (on the CPU) from each example's last max_len history items, with items
+    looked up in `table` (N+1, D) on the model's device.
+
+    Users are batched by history length and each batch is padded only to its longest history (positions start
+    at 0 for every user, so the amount of left padding does not change a user's vector)."""
+    device = table.device
+    offsets = examples.history_offsets
+    lengths = np.minimum(np.diff(offsets), max_len)
+    order = np.argsort(lengths, kind="stable")
+    vectors = torch.zeros(len(examples), model.user_llm.dim)
+    for start in range(0, len(examples), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(int(lengths[rows].max()), 1)
+        ids = left_pad([examples.history(i) for i in rows], width).to(device)
+        times = None
+        if model.time is not None:
+            stamps = left_pad([examples.history_timestamps[offsets[i]:offsets[i + 1]] for i in rows], width)
+            times = torch.from_numpy(time_features(stamps.numpy(), model.time_precision)).to(device)
+        vectors[torch.from_numpy(rows)] = model.user_vectors(table, ids, times).float().cpu()
+    return vectors

@@ -1,0 +1,57 @@
+"""The resumable state of a training run: one file, `state.pt`, holding one dict.
+
+It holds the model's weights, the optimizer, the learning-rate schedule, the fp16 gradient scaler (when there is
+one), the loop's progress (step, epoch, batch, best score, early-stopping count) and the run's settings. A run
+resumes only from a state made with the same settings and data; the file is read with `weights_only=True`
+(tensors and plain values only, never arbitrary pickles) and replaced atomically.
+Covers one process and DDP; sharded FSDP/ZeRO state is not covered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, fingerprint
+
+
+class Checkpoint:
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path = path
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        """What decides the run's trajectory (model and data identity, trajectory settings, seed, processes)."""
+        self.run_id = fingerprint(self.settings)
+
+    def load(self) -> dict | None:
+        """The saved payload, or None when there is none; refuses one made with other settings."""
+        if not self.path.is_file():
+            return None
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") != self.run_id:
+            changed = _differences(json.loads(saved.get("settings", "{}")), self.settings)
+            raise UserError(f"{self.path}: made with other settings or data ({changed or 'an older format'}); "
+                            f"delete {self.path.parent} or set resume=false")
+        return saved
+
+    def save(self, model: torch.nn.Module, optimizer, scheduler, scaler, progress: dict) -> None:
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                   "state": progress, "fingerprint": self.run_id, "settings": json.dumps(self.settings)}
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> str:
+    """'key: old -> new' for the first few settings that differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            out += [inner] if inner else []
+        elif a != b:
+            out.append(f"{prefix}{key}: {str(a)[:40]} -> {str(b)[:40]}")
+    return "; ".join(out[:3])

@@ -1,0 +1,149 @@
+"""Item sources: where a sequence model gets the embedding of an item.
+
+Every source answers two questions for the training loop and for scoring:
+  prepare(ids)  on the CPU, for a step's distinct item_idx (U,): what `forward` needs, the order of its output
+                rows (row r embeds ids[order[r]]) and the item tokens it will encode (for the throughput log);
+  forward(...)  -> (U, D) embeddings, with gradients where the source is trained;
+  table()       -> (N+1, D) every item's embedding (row 0, padding, is zero), what users are scored against.
+
+Sources: `TextItems` (the Item LLM over item text: stage one), `CachedItems` (a frozen table of cached
+embeddings, optionally through a trainable adapter: stage two), `IdItems` (a trainable item-ID table, as ID-based
+sequential recommenders use) and `SumItems` (the sum of several, e.g. cached text embeddings + IDs).
+Shapes: U distinct items in a step, D embedding size, N catalogue items.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.models.llm import ItemLLM
+from pipeline.models.tokens import TokenizedCatalogue, budget_batches
+
+
+class ItemSource(nn.Module):
+    dim: int
+    """Embedding size D."""
+    num_items: int
+    """Catalogue size N (item_idx 1..N; 0 is padding)."""
+    kind = "item"
+    """A word for the error messages: text, cached, ID, summed."""
+    shard_negatives = False
+    """True where embedding an item is expensive: under DDP each process embeds a share of the shared negatives
+    and the shares are gathered; otherwise every process looks all of them up itself."""
+
+    def prepare(self, ids: np.ndarray) -> tuple[dict, np.ndarray, int]:
+        return {"ids": torch.from_numpy(np.asarray(ids, dtype=np.int64))}, np.arange(len(ids)), 0
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        device = next(iter([*self.parameters(), *self.buffers()])).device
+        return self({"ids": torch.arange(self.num_items + 1, device=device)}).float()
+
+
+class TextItems(ItemSource):
+    """The Item LLM over each item's tokenized text; items are encoded in length-sorted chunks under a token
+    budget, each distinct item once per step."""
+
+    kind, shard_negatives = "text", True
+
+    def __init__(self, item_llm: ItemLLM, catalogue: TokenizedCatalogue, tokenizer, alignment: str = "right",
+                 token_budget: int = 16384, meta: dict | None = None) -> None:
+        super().__init__()
+        self.item_llm = item_llm
+        self.catalogue, self.tokenizer = catalogue, tokenizer
+        self.alignment, self.token_budget = alignment, token_budget
+        self.meta = meta or {}
+        """What item_llm.json records beside the weights (source model, positions, max_text_tokens)."""
+        self.dim, self.num_items = item_llm.dim, catalogue.num_items
+
+    def prepare(self, ids: np.ndarray) -> tuple[dict, np.ndarray, int]:
+        n_slots = self.item_llm.n_item_tokens
+        lengths = self.catalogue.lengths(ids) + n_slots
+        groups = budget_batches(lengths, self.token_budget)
+        chunks = [self.catalogue.chunk(ids[g], n_slots, self.alignment) for g in groups]
+        return {"chunks": chunks}, np.concatenate(groups), int(lengths.sum())
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return torch.cat([self.item_llm(**chunk) for chunk in inputs["chunks"]], dim=0)  # (U, D)
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        from pipeline.embeddings.encode import embed_items
+
+        out = torch.zeros(self.num_items + 1, self.dim)
+        out[1:] = embed_items(self.item_llm, self.catalogue, np.arange(1, self.num_items + 1), self.token_budget,
+                              self.alignment)
+        return out.to(next(self.item_llm.parameters()).device)
+
+
+class CachedItems(ItemSource):
+    """A frozen (N+1, D) table of cached item embeddings (never saved with the model), optionally through a
+    small trainable residual MLP (`adapter`) that starts as the identity."""
+
+    kind = "cached"
+
+    def __init__(self, table: torch.Tensor, adapter: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("cached", table.float(), persistent=False)  # (N+1, D)
+        self.dim, self.num_items = table.shape[1], table.shape[0] - 1
+        self.adapter = nn.Sequential(nn.Linear(self.dim, self.dim), nn.GELU(), nn.Linear(self.dim, self.dim)) \
+            if adapter else None
+        if self.adapter is not None:
+            nn.init.zeros_(self.adapter[2].weight)  # starts as the identity (residual)
+            nn.init.zeros_(self.adapter[2].bias)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        emb = self.cached[inputs["ids"]]  # (U, D)
+        return emb + self.adapter(emb) if self.adapter is not None else emb
+
+
+class IdItems(ItemSource):
+    """A trainable item-ID embedding table (row 0, padding, stays zero)."""
+
+    kind = "ID"
+
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.dim, self.num_items = dim, num_items
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.embedding(inputs["ids"])
+
+
+class SumItems(ItemSource):
+    """The sum of several sources' embeddings of the same items (e.g. text + ID)."""
+
+    kind = "summed"
+
+    def __init__(self, *sources: ItemSource) -> None:
+        super().__init__()
+        if len({(s.dim, s.num_items) for s in sources}) != 1:
+            raise ValueError("summed item sources must have the same embedding size and catalogue")
+        self.sources = nn.ModuleList(sources)
+        self.dim, self.num_items = sources[0].dim, sources[0].num_items
+        self.shard_negatives = any(s.shard_negatives for s in sources)
+
+    def prepare(self, ids: np.ndarray) -> tuple[dict, np.ndarray, int]:
+        first, order, tokens = self.sources[0].prepare(ids)
+        parts = [first]
+        for source in self.sources[1:]:  # the others follow the first one's row order
+            inputs, own_order, more = source.prepare(ids[order])
+            parts.append({**inputs, "rows": torch.from_numpy(np.argsort(own_order))})
+            tokens += more
+        return {"parts": parts}, order, tokens
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        total = self.sources[0](inputs["parts"][0])
+        for source, part in zip(self.sources[1:], inputs["parts"][1:], strict=True):
+            total = total + source(part)[part["rows"]]
+        return total
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        return sum(source.table() for source in self.sources)

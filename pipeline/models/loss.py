@@ -1,0 +1,50 @@
+"""The training loss of every sequence model: the official HLLM `nce`, a sampled softmax over shared negatives.
+
+Scores are cosine similarities (both sides L2-normalised) times a learnable scale, `logit_scale` = log(scale),
+initialised to log(1/0.07) and clamped so the scale stays in [1, 100]. Negatives are drawn uniformly from the
+catalogue and shared by every position of every user in the global batch. Unlike the official code, a negative
+is masked when it *is* the target (by item id), not when its cosine with the target exceeds 0.99: once
+embeddings collapse that rule masks everything and training silently stops. Logits and loss are fp32.
+
+Shapes: P valid positions, D embedding size, K negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+@dataclass
+class NCEOutput:
+    loss_per_position: torch.Tensor
+    """(P,) fp32."""
+    surviving_negatives: torch.Tensor
+    """(P,) negatives left after masking collisions with the target."""
+    top1_correct: torch.Tensor
+    """(P,) bool: the positive outscored every surviving negative."""
+
+
+def nce_loss(user_out: torch.Tensor, targets: torch.Tensor, target_ids: torch.Tensor, negatives: torch.Tensor,
+             negative_ids: torch.Tensor, logit_scale: torch.Tensor) -> NCEOutput:
+    """user_out (P, D) predictions at valid positions, targets (P, D) the next items' embeddings, target_ids (P,),
+    negatives (K, D) shared by every position, negative_ids (K,), logit_scale a scalar (log of the scale)."""
+    u = F.normalize(user_out.float(), dim=-1)  # (P, D)
+    t = F.normalize(targets.float(), dim=-1)  # (P, D)
+    n = F.normalize(negatives.float(), dim=-1)  # (K, D)
+    scale = logit_scale.float().exp()
+    pos = (u * t).sum(-1, keepdim=True) * scale  # (P, 1)
+    neg = (u @ n.T) * scale  # (P, K)
+    collide = target_ids[:, None] == negative_ids[None, :]  # (P, K)
+    # mask after scaling: a -inf that reaches the product would make the scale's gradient NaN
+    neg = neg.masked_fill(collide, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)  # (P, 1 + K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")  # (P,)
+    return NCEOutput(loss, (~collide).sum(1), logits.argmax(1) == 0)

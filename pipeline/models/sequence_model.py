@@ -1,0 +1,126 @@
+"""The sequence model every stage trains: an item source, a User LLM over its embeddings, one loss.
+
+Position i of a user's sequence reads the embedding of item i (from the item source: the Item LLM over text,
+cached embeddings, an ID table, or a sum), plus optional additive inputs: a time embedding (the HLLM paper's
+Algorithm 1: year, month, day, hour, minute, second -> embeddings -> MLP) and an item-ID embedding. The User
+LLM's output at position i predicts item i+1; targets and negatives are embedded by the same item source.
+
+Shapes: B users, L positions (L+1 items: L inputs, each predicting the next), D embedding size, U distinct items
+of a step, P valid positions, K negatives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.item_sources import ItemSource
+from pipeline.models.llm import UserLLM
+from pipeline.models.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss
+
+if TYPE_CHECKING:
+    from pipeline.batches import StepBatch
+
+TIME_FIELDS = ("year", "month", "day", "hour", "minute", "second")
+TIME_SIZES = (200, 13, 32, 24, 60, 60)  # years are offset from 1900
+
+
+def time_features(timestamps: np.ndarray, precision: str = "second") -> np.ndarray:
+    """(..., 6) int64 calendar fields (UTC) of unix seconds; fields finer than `precision` are 0; 0 s -> all 0."""
+    keep = TIME_FIELDS.index(precision) + 1
+    flat = np.asarray(timestamps, dtype=np.int64).reshape(-1)
+    out = np.zeros((len(flat), 6), dtype=np.int64)
+    for row, ts in enumerate(flat):
+        if ts == 0:
+            continue
+        t = dt.datetime.fromtimestamp(int(ts), dt.UTC)
+        out[row] = (min(max(t.year - 1900, 0), 199), t.month, t.day, t.hour, t.minute, t.second)
+    out[:, keep:] = 0
+    return out.reshape(*np.shape(timestamps), 6)
+
+
+class TimeEmbedding(nn.Module):
+    """Algorithm 1 of the paper: one embedding table per calendar field, concatenated, then an MLP to D."""
+
+    def __init__(self, dim: int, field_dim: int = 32) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(size, field_dim) for size in TIME_SIZES)
+        self.mlp = nn.Sequential(nn.Linear(6 * field_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        """fields (B, L, 6) -> (B, L, D)."""
+        parts = [table(fields[..., i]) for i, table in enumerate(self.tables)]  # 6 x (B, L, field_dim)
+        return self.mlp(torch.cat(parts, dim=-1))
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] with a deterministic backward. Plain indexing accumulates the gradient of repeated rows with
+    a multithreaded CPU kernel whose float sums depend on thread timing (for 32,768+ elements), which made
+    training differ from run to run; the embedding backward sums in a fixed order."""
+    return F.embedding(index, table)
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, items: ItemSource, user_llm: UserLLM, time_embedding: bool = False,
+                 item_id_embedding: bool = False, time_precision: str = "second") -> None:
+        super().__init__()
+        if items.dim != user_llm.dim:
+            raise ValueError(f"item embeddings have size {items.dim}, the User LLM {user_llm.dim}")
+        dim = user_llm.dim
+        self.items = items
+        self.user_llm = user_llm
+        self.time = TimeEmbedding(dim) if time_embedding else None
+        self.time_precision = time_precision
+        self.item_ids = nn.Embedding(items.num_items + 1, dim, padding_idx=0) if item_id_embedding else None
+        if self.item_ids is not None:
+            nn.init.normal_(self.item_ids.weight, std=0.02)
+            with torch.no_grad():
+                self.item_ids.weight[0].zero_()
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    def inputs(self, item_embs: torch.Tensor, ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
+        """User LLM inputs (B, L, D): item embedding + time embedding + item-ID embedding."""
+        x = item_embs
+        if self.time is not None and times is not None:
+            x = x + self.time(times)
+        if self.item_ids is not None:
+            x = x + self.item_ids(ids)
+        return x
+
+    def forward(self, batch: StepBatch, gather=None) -> NCEOutput:
+        """One step's loss terms (pipeline.batches.StepBatch). `gather` concatenates every process's rows (with
+        gradients) under DDP, for sources whose negatives are embedded in shares."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+        rows = self.items(batch.item_inputs)  # (U, D) the step's distinct items
+        seq = gather_rows(rows, batch.seq_index)  # (B, L+1, D)
+        seq_ids = batch.seq_ids  # (B, L+1) item_idx, left-padded with 0
+        input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
+        mask = input_ids > 0  # (B, L)
+        times = batch.times[:, :-1] if batch.times is not None else None  # (B, L, 6)
+        out = self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long())  # (B, L, D)
+        valid = mask & (target_ids > 0)  # (B, L)
+        targets, valid_target_ids = seq[:, 1:][valid], target_ids[valid]  # (P, D), (P,)
+        negatives = gather_rows(rows, batch.neg_index)  # (k, D) this process's negatives
+        if gather is not None and self.items.shard_negatives:
+            negatives = gather(negatives)  # (K, D)
+        negative_ids = batch.negative_ids  # (K,)
+        if batch.in_batch_negatives:
+            # the other positions' targets are free extra negatives (collisions are masked by id as usual)
+            negatives = torch.cat([negatives, targets])
+            negative_ids = torch.cat([negative_ids, valid_target_ids])
+        return nce_loss(out[valid], targets, valid_target_ids, negatives, negative_ids, self.logit_scale)
+
+    @torch.no_grad()
+    def user_vectors(self, table: torch.Tensor, histories: torch.Tensor, times: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """(U, D) next-item predictions from left-padded histories (U, L) of item_idx (and their time fields
+        (U, L, 6)), looking items up in `table` (N+1, D) = items.table()."""
+        mask = (histories > 0).long()  # (U, L)
+        out = self.user_llm(self.inputs(table[histories], histories, times), mask)  # (U, L, D)
+        return out[:, -1]  # the last position is always a real item (left padding)

@@ -1,0 +1,26 @@
+"""Where a run executes: the torch device a setting names, and accelerate's process state."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import ConfigError
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA device here; use device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name}: use auto, cpu, cuda or cuda:N") from None
+
+
+def distributed_state(device: torch.device):
+    """accelerate's process state. Create it through here first: on CPU it must be told so, or every process of
+    a torchrun launch believes it is alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu")
