@@ -258,18 +258,33 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
     return out
 
 
+def _parser_exceptions(name: str) -> tuple[type, ...]:
+    """click's exception `name`, and the same one of the copy of click that newer typer versions carry (the typer
+    commands raise that one, the generated stage commands click's own)."""
+    kinds = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as typer_click
+        kinds.append(getattr(typer_click, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(kinds)
+
+
 def main() -> None:
     try:
         code = command_line().main(expand_multi_value_options(sys.argv[1:]), prog_name="hllm-pipeline",
                                    standalone_mode=False)
         sys.exit(code or 0)
-    except click.exceptions.NoArgsIsHelpError as e:
-        typer.echo(e.ctx.get_help() if e.ctx is not None else str(e), err=True)
+    except _parser_exceptions("Exit") as e:  # --help, --show-settings
+        sys.exit(e.exit_code)
+    except _parser_exceptions("NoArgsIsHelpError") as e:
+        if e.format_message().strip():  # empty where typer's rich help has printed itself already
+            typer.echo(e.format_message())
         sys.exit(2)
-    except click.ClickException as e:  # the parser's own errors: one line too
+    except _parser_exceptions("ClickException") as e:  # the parser's own errors: one line too
         typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except _parser_exceptions("Abort"):
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except UserError as e:

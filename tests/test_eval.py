@@ -16,8 +16,10 @@ from conftest import make_cached_run, run_cli
 from pipeline import config as cfg
 from pipeline.cli import expand_multi_value_options
 from pipeline.data.sequences import UserSequences, eval_examples
+from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import UserError
 from pipeline.metrics import MISS, metrics_from_ranks, popularity_ranks, target_ranks
+from pipeline.models import build
 from pipeline.search import (
     FaissSearch,
     Masked,
@@ -29,6 +31,7 @@ from pipeline.search import (
     ranks_in_topk,
     recall_against_exact,
 )
+from pipeline.validation import validate
 from stages import evaluate
 from stages import train_user as stage_two
 
@@ -187,14 +190,11 @@ def test_approximate_indexes_report_recall_against_exact(random_case):
 
 def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
     from pipeline.batches import left_pad, user_vectors
-    from pipeline.data.sequences import UserSequences, eval_examples
 
     case = make_cached_run(tmp_path)
     conf = cfg.load(stage_two.TrainUserConfig, None, [f"data={case['data']}", f"run={case['run']}",
                                                         "user.init=scratch", "user.name=llama-tiny",
                                                         "user.time_embedding=true"])
-    from pipeline.embeddings.store import load_embeddings
-
     torch.manual_seed(0)
     model = stage_two.build_model(conf, load_embeddings(stage_two.embeddings_root(conf)).embeddings,
                                   log=lambda _: None).eval()
@@ -334,3 +334,22 @@ def test_search_benchmark_paths_agree_and_write_json(tmp_path):
         agreement = result["agreement"][name]
         assert agreement["identical_sets"] == 1.0, (name, agreement)
         assert agreement["identical_rows"] == 1.0 or agreement["max_score_gap_where_different"] < 1e-6
+
+
+def test_validation_while_training_agrees_with_eval_on_the_valid_split(trained_run, tmp_path):
+    """The loop's validation and `eval --split valid` batch user vectors and rank the same way: on every user
+    they report the same numbers."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    done = run_cli("eval", "--split", "valid", "--k", "10", "50", "200", "--run", str(run),
+                   f"data={trained_run['data']}", "search=torch")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(done.stdout.splitlines()[-1].split()[1]).read_text())
+    table = load_embeddings(run / "embeddings" / "v-test").embeddings
+    model, _ = build.load_user_model(run / "user_llm", table)
+    seqs = UserSequences.load(trained_run["data"])
+    validation = validate(model, seqs, 8, seqs.num_users, seed=0)
+    assert validation["users"] == report["users"] == 120
+    for key, value in report["metrics"].items():
+        assert validation[key] == pytest.approx(value, abs=1e-12), key
+    assert validation["popularity"] == pytest.approx(report["popularity"], abs=1e-12)

@@ -147,6 +147,29 @@ def test_parser_errors_are_one_line(args, message):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "No such command 'bogus'"),
+    (["bench", "--bogus"], "No such option: --bogus"),
+    (["data", "fetch"], "Missing argument 'name'"),
+])
+def test_errors_of_the_other_commands_are_one_line_too(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    ([], 2, "Usage: hllm-pipeline"),  # no command: the help, as a usage error
+    (["--help"], 0, "Usage: hllm-pipeline"),
+    (["eval", "--help"], 0, "--mask-history"),
+    (["train-user", "--help"], 0, "--show-settings"),
+    (["train-user", "--show-settings"], 0, "train.num_negatives"),
+])
+def test_help_and_settings_exit_cleanly(args, code, expected):
+    done = run_cli(*args)
+    assert done.returncode == code and expected in done.stdout and done.stderr == "", done.stderr
+
+
 def test_an_old_key_on_the_command_line_names_the_new_one():
     done = run_cli("train-user", "data=d", "run=r", "model.time_embedding=true")
     assert done.returncode == 2 and "setting 'model.time_embedding' was renamed: use user.time_embedding" in \
