@@ -10,6 +10,7 @@ Covers one process and DDP; sharded FSDP/ZeRO state is not covered.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -32,8 +33,11 @@ class Checkpoint:
         saved = torch.load(self.path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") != self.run_id:
             changed = _differences(json.loads(saved.get("settings", "{}")), self.settings)
+            extend = ("; runs are extended with more epochs or steps only when train.schedule_steps fixes the "
+                      "learning-rate schedule from the start") if re.search(r"train\.(epochs|max_steps):", changed) \
+                else ""
             raise UserError(f"{self.path}: made with other settings or data ({changed or 'an older format'}); "
-                            f"delete {self.path.parent} or set resume=false")
+                            f"delete {self.path.parent} or set resume=false{extend}")
         return saved
 
     def save(self, model: torch.nn.Module, optimizer, scheduler, scaler, progress: dict) -> None:
