@@ -141,7 +141,7 @@ def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExampl
     offsets = examples.history_offsets
     lengths = np.minimum(np.diff(offsets), max_len)
     order = np.argsort(lengths, kind="stable")
-    vectors = torch.zeros(len(examples), model.user_llm.dim)
+    vectors = torch.zeros(len(examples), table.shape[1])
     for start in range(0, len(examples), batch_size):
         rows = order[start:start + batch_size]
         width = max(int(lengths[rows].max()), 1)

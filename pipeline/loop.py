@@ -47,8 +47,12 @@ class LoopConfig:
     chunking: Literal["last", "chunks"] = "chunks"
     """last: each user's most recent max_len+1 training items; chunks: the official non-overlapping chunks of all
     of them."""
+    loss: Literal["nce", "softmax"] = "nce"
+    """nce: the official sampled softmax over `num_negatives` shared negatives (collisions masked by id);
+    softmax: full cross-entropy over the whole catalogue (every item a negative; for ID and cached items, whose
+    whole table costs a lookup, not for the Item LLM)."""
     num_negatives: int = 512
-    """Negatives per micro-step, shared by every position of every sequence (global count)."""
+    """With loss=nce: negatives per micro-step, shared by every position of every sequence (global count)."""
     in_batch_negatives: bool = False
     """Also use the batch's other target items as negatives."""
     lr: float = 1e-4
@@ -213,6 +217,9 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if t.loss == "softmax" and model.items.shard_negatives:
+        raise ConfigError(f"train.loss=softmax would run the {model.items.kind} item source over the whole catalogue "
+                          "every step; use train.loss=nce with it")
     negatives = t.num_negatives + (-t.num_negatives) % world if model.items.shard_negatives else t.num_negatives
     return Run(accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, checkpoint, progress,
                batches, total_steps, negatives, gather, MetricsLog(run_dir, accelerator, trackers=t.tensorboard))
@@ -230,8 +237,9 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     rank, world = accelerator.process_index, accelerator.num_processes
     stopping = EarlyStopping(progress, t.patience)
     n_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    loss = f"{t.num_negatives} shared negatives" if t.loss == "nce" else f"softmax over {seqs.num_items:,} items"
     say(f"{name}: {len(batches.windows):,} training sequences of up to {t.max_len + 1} items, {len(batches)} "
-        f"batches of {t.batch_size} per epoch, {t.num_negatives} shared negatives; {run.total_steps} steps, "
+        f"batches of {t.batch_size} per epoch, {loss}; {run.total_steps} steps, "
         f"{n_params / 1e6:.1f}M trained parameters, {world} process(es)")
 
     run.model.train()
@@ -246,9 +254,10 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 torch.manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
                 index = progress["batch"] + micro
                 stamps = batches.timestamps(epoch, index, rank, world) if unwrapped.time is not None else None
-                batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world),
-                                        sample_negatives(seqs.num_items, run.num_negatives, seed, step, micro), rank,
-                                        world, stamps, unwrapped.time_precision, t.in_batch_negatives
+                negatives = sample_negatives(seqs.num_items, run.num_negatives, seed, step, micro) \
+                    if t.loss == "nce" else np.arange(1, seqs.num_items + 1)  # softmax: the whole catalogue
+                batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world), negatives,
+                                        rank, world, stamps, unwrapped.time_precision, t.in_batch_negatives
                                         ).to(accelerator.device)
                 valid_global = torch.tensor(float(batch.positions), device=accelerator.device)
                 if world > 1:
@@ -276,8 +285,10 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
             metrics = validate(unwrapped, seqs, t.max_len, t.eval_users, seed)
             score = metrics[t.early_stopping_metric]
             run.log.write({"epoch": epoch, "step": progress["step"], "valid": metrics})
+            also = f" {t.early_stopping_metric} {score:.4f}" if t.early_stopping_metric not in ("recall@10",
+                                                                                               "ndcg@10") else ""
             say(f"epoch {epoch} valid ({metrics['users']} users): recall@10 {metrics['recall@10']:.4f} "
-                f"ndcg@10 {metrics['ndcg@10']:.4f} {t.early_stopping_metric} {score:.4f} "
+                f"ndcg@10 {metrics['ndcg@10']:.4f}{also} "
                 f"(popularity {metrics['popularity'][t.early_stopping_metric]:.4f})")
         if stopping.improved(score, epoch, progress["step"]):
             if accelerator.is_main_process:

@@ -66,6 +66,16 @@ class Masked:
         positions = np.repeat(offsets[1:] - keep, keep) + concat_ranges(keep)
         return cls(new_offsets, np.asarray(items, np.int64)[positions])
 
+    def plus(self, items: np.ndarray) -> Masked:
+        """The same masks with `items` removed for every user too (e.g. items that are not candidates)."""
+        items = np.asarray(items, np.int64)
+        counts = self.counts + len(items)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        own = np.split(self.items, self.offsets[1:-1])
+        return Masked(offsets, np.concatenate([np.concatenate([mine, items]) for mine in own]) if len(own) else
+                      self.items)
+
     def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row in `users`, item) of every masked pair of those users, vectorised."""
         counts = self.counts[users]

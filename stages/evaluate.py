@@ -61,6 +61,9 @@ class EvalConfig:
     (generative-recommenders) or none (RecBole). A target in the removed history is a miss."""
     window: int = 200
     """History items removed under mask_history=window."""
+    candidates: Literal["all", "interacted"] = "all"
+    """Items ranked: every catalogue item, or only those with at least one interaction in the data (as the
+    ID-model benchmarks rank them: e.g. 3,706 of ML-1M's 3,883 movies)."""
     model: Literal["hllm", "popularity"] = "hllm"
     """hllm: the User LLM on the cached embeddings; popularity: items by training interactions, for every user."""
     user_llm: Literal["auto", "stage-two", "stage-one"] = "auto"
@@ -171,7 +174,9 @@ def _report_stamp(reports: Path) -> str:
 def format_table(report: dict) -> str:
     """The metrics as a terminal table, with the protocol line above it."""
     p = report["protocol"]
-    lines = [f"{p['dataset']} · {p['split']} split · {report['users']:,} users · {p['items']:,} items · "
+    ranked = p.get("candidate_items", p["items"])
+    items = f"{p['items']:,} items" if ranked == p["items"] else f"{ranked:,} of {p['items']:,} items ranked"
+    lines = [f"{p['dataset']} · {p['split']} split · {report['users']:,} users · {items} · "
              f"history masked: {p['mask_history']} · {p['model']['name']} · {p['index']['description']}"]
     floor = report.get("popularity")
     lines.append(f"{'K':>6}  {'Recall@K':>9}  {'NDCG@K':>9}" + (f"  {'popularity R@K':>15}  {'N@K':>8}" if floor
@@ -217,6 +222,10 @@ def run(config: EvalConfig, log=print) -> dict:
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
     masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
                                    config.window)
+    never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=seqs.num_items + 1)[1:] == 0) + 1
+    if config.candidates == "interacted":
+        masked = masked.plus(never_seen)
+    n_candidates = seqs.num_items - (len(never_seen) if config.candidates == "interacted" else 0)
     train_counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
     k_max = max(config.k)
     stats_path = data / "stats.json"
@@ -224,6 +233,7 @@ def run(config: EvalConfig, log=print) -> dict:
     protocol = {"dataset": dataset, "data": str(data), "items": seqs.num_items, "split": config.split,
                 "mask_history": config.mask_history, **({"window": config.window} if config.mask_history == "window"
                                                        else {}),
+                "candidates": config.candidates, "candidate_items": n_candidates,
                 "k": list(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
     if max(config.k) > seqs.num_items:
         protocol["note"] = f"K above the catalogue size ({seqs.num_items}): every item fits in the top K"
@@ -237,18 +247,23 @@ def run(config: EvalConfig, log=print) -> dict:
         protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
     else:
         device = device_of(config.device)
-        root = version_root(config.run, config.embeddings)
-        embeddings = load_embeddings(root)
-        if embeddings.embeddings.shape[0] != seqs.num_items + 1:
-            raise UserError(f"{root}: holds {embeddings.embeddings.shape[0] - 1} items but {data} has "
-                            f"{seqs.num_items}; evaluate with the data these embeddings were made from")
         path = _user_llm_dir(config)
-        model, meta = build.load_user_model(path, embeddings.embeddings)
+        root, cached = None, None
+        if "cached" in build.saved_item_source(path):
+            root = version_root(config.run, config.embeddings)
+            cached = load_embeddings(root).embeddings
+            if cached.shape[0] != seqs.num_items + 1:
+                raise UserError(f"{root}: holds {cached.shape[0] - 1} items but {data} has {seqs.num_items}; "
+                                "evaluate with the data these embeddings were made from")
+        model, meta = build.load_user_model(path, cached)
+        if model.items.num_items != seqs.num_items:
+            raise UserError(f"{path}: trained on {model.items.num_items} items but {data} has {seqs.num_items}; "
+                            "evaluate with the data it was trained on")
         model.to(device)
-        table = model.items.table()  # (N+1, D) the cached embeddings (through the adapter when there is one)
+        table = model.items.table()  # (N+1, D) every item as the model embeds it (cached, IDs, adapter, sums)
         max_len = config.max_len or int(meta.get("max_len", 200))
-        trained_on = Path(meta.get("embeddings", root)).name
-        if trained_on != root.name:
+        trained_on = Path(meta.get("embeddings") or "").name
+        if root is not None and trained_on and trained_on != root.name:
             log(f"note: {path} was trained on embeddings {trained_on}; evaluating it with {root.name}")
         timings["load_s"] = time.perf_counter() - started
         log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
@@ -261,9 +276,9 @@ def run(config: EvalConfig, log=print) -> dict:
         timings["user_vectors_s"] = time.perf_counter() - start
         items = normalise(table[1:].cpu())  # (N, D) items 1..N
         if not np.isfinite(items).all():
-            raise UserError(f"{root}: the item vectors hold NaN or infinite values; embed the catalogue again")
+            raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
         start = time.perf_counter()
-        searcher, index_card = make_searcher(config, items, root / "index", device, log=log)
+        searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log)
         timings["index_s"] = time.perf_counter() - start
         start = time.perf_counter()
         _, top_items = masked_topk(searcher, queries, masked, k_max, config.batch_size)
@@ -274,11 +289,12 @@ def run(config: EvalConfig, log=print) -> dict:
             _, exact_items = masked_topk(TorchSearch(items, device), queries, masked, k_max, config.batch_size)
             extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
             extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
-        protocol["model"] = {"name": f"hllm ({meta.get('source', 'user llm')})", "user_llm": str(path),
-                             "fingerprint": folder_sha256(path)[:16], "max_len": max_len,
-                             "embeddings_version": root.name,
+        protocol["model"] = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})",
+                             "user_llm": str(path), "items": build.saved_item_source(path),
+                             "fingerprint": folder_sha256(path)[:16],
+                             "max_len": max_len, "embeddings_version": root.name if root else None,
                              "embeddings_model": json.loads((root / "manifest.json").read_text()).get(
-                                 "model_fingerprint", "")[:16]}
+                                 "model_fingerprint", "")[:16] if root else None}
         protocol["index"] = index_card
         if index_card["type"] == "approximate":
             protocol["ranking"] += "; approximate index: see index_recall and exact_metrics"

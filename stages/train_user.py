@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -25,7 +25,6 @@ from pipeline.io import sha256_file
 from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
-from pipeline.models.item_sources import CachedItems
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.runtime import device_of, distributed_state
 
@@ -40,6 +39,9 @@ class TrainUserConfig:
     """Stage one's folder (embeddings/, user_llm_stage1/), e.g. artifacts/ml-100k; stage2/ and user_llm/ go here."""
     embeddings: str | None = None
     """Embeddings version under run/embeddings/; null takes the one named in run/embeddings/CURRENT."""
+    items: Literal["cached", "id", "cached+id"] = "cached"
+    """What the model reads for an item: the cached embeddings (HLLM stage two), a trainable item-ID table (the ID
+    baselines: SASRec, no stage one needed) or the sum of both (text + ID)."""
     adapter: bool = False
     """A small trainable residual MLP on the cached embeddings (inputs, targets and negatives)."""
     user: UserModelConfig = UserModelConfig(init="stage-one")
@@ -59,39 +61,48 @@ def embeddings_root(config: TrainUserConfig) -> Path:
     return version_root(config.run, config.embeddings)
 
 
-def build_model(config: TrainUserConfig, table: torch.Tensor, log=print) -> SequenceModel:
-    """The User LLM over the cached table; init=stage-one also takes stage one's logit scale (and any time or ID
-    embedding it trained)."""
+def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: int | None = None, log=print
+                ) -> SequenceModel:
+    """The User LLM over the item source (`table`: the cached embeddings, where it reads them; `num_items`:
+    the catalogue size, where it does not); init=stage-one also takes stage one's logit scale (and any time or
+    ID embedding it trained)."""
+    num_items = num_items if num_items is not None else table.shape[0] - 1
     stage_one = config.run / "user_llm_stage1"
     user_llm = build.user_llm_from(config.user, stage_one, log=log)
-    model = build.sequence_model(CachedItems(table, config.adapter), user_llm, config.user)
+    items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter)
+    model = build.sequence_model(items, user_llm, config.user)
     if config.user.init == "stage-one":
         build.load_user_head(model, stage_one)
     return model
 
 
 def run(config: TrainUserConfig, log=print) -> Path:
-    """Stage two: train the User LLM on cached embeddings; returns run/user_llm."""
-    root = embeddings_root(config)
-    embeddings = load_embeddings(root)
+    """Stage two: train the User LLM on its item source; returns run/user_llm."""
     seqs = UserSequences.load(config.data)
-    if embeddings.embeddings.shape[0] != seqs.num_items + 1:
-        raise UserError(f"{root}: holds {embeddings.embeddings.shape[0] - 1} items but {config.data} has "
-                        f"{seqs.num_items}; embed this data's catalogue first")
+    root, table, source = None, None, "item-ID embeddings trained from scratch (no cached embeddings)"
+    if "cached" in config.items:
+        root = embeddings_root(config)
+        table = load_embeddings(root).embeddings
+        if table.shape[0] != seqs.num_items + 1:
+            raise UserError(f"{root}: holds {table.shape[0] - 1} items but {config.data} has {seqs.num_items}; "
+                            "embed this data's catalogue first")
+        source = f"item embeddings from the cache ({root.name})" + (" + item-ID embeddings" if config.items ==
+                                                                    "cached+id" else "")
     torch.manual_seed(config.seed)
     device = device_of(config.device)
-    model = build_model(config, embeddings.embeddings, log=log).to(device)
+    model = build_model(config, table, seqs.num_items, log=log).to(device)
     run_dir = config.run / "stage2"
     run_dir.mkdir(parents=True, exist_ok=True)
     state = distributed_state(device)
     if state.is_main_process:
         cfg.save(config, run_dir / "config.yaml")
-    identity = {"model": {"user": cfg.to_dict(config.user), "adapter": config.adapter},
-                "embeddings": json.loads((root / "manifest.json").read_text())["shards"],
+    identity = {"model": {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items},
+                "embeddings": json.loads((root / "manifest.json").read_text())["shards"] if root else None,
                 "interactions": sha256_file(config.data / "interactions.parquet")}
-    meta = {"source": "stage two", "embeddings": str(root), "init": config.user.init,
+    meta = {"source": "stage two", "model": "hllm" if root else config.user.name,
+            "embeddings": str(root) if root else None, "init": config.user.init,
             "max_len": config.train.max_len}
-    log(f"stage two: item embeddings from the cache ({root.name})")
+    log(f"stage two: {source}")
     model = loop.train(model, seqs, config.train, run_dir, identity, seed=config.seed, device_name=config.device,
                        resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, meta),
                        load_best=build.load_model_weights, name="stage two", log=log)

@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir
 from pipeline.models import presets
-from pipeline.models.item_sources import CachedItems, ItemSource, TextItems
+from pipeline.models.item_sources import CachedItems, IdItems, ItemSource, SumItems, TextItems
 from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings
 from pipeline.models.sequence_model import TIME_FIELDS, SequenceModel
 
@@ -36,6 +36,17 @@ class UserModelConfig:
     name. Its hidden size must equal the item embedding size."""
     layers: int | None = None
     """With init=scratch: keep only this many decoder layers of the architecture."""
+    hidden_size: int | None = None
+    """With init=scratch: the width of the architecture (e.g. 50 for the generative-recommenders SASRec);
+    null: the preset's."""
+    heads: int | None = None
+    """With init=scratch: attention heads (must divide hidden_size); null: the preset's."""
+    dropout: float | None = None
+    """With init=scratch: dropout on the inputs, attention and residual paths (SASRec recipes use 0.2);
+    null: the preset's."""
+    projection: bool = False
+    """A learned linear map from the item embeddings to the User LLM's width and back, so a small User LLM can
+    read wide item embeddings (e.g. a 64-wide model over 384-d MiniLM vectors)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     gradient_checkpointing: bool = False
@@ -48,8 +59,14 @@ class UserModelConfig:
     """Add a learned item-ID embedding to each position's input (slightly negative in the paper)."""
 
     def __post_init__(self) -> None:
-        if self.layers is not None and self.layers < 1:
-            raise ConfigError(f"user.layers={self.layers}: must be >= 1")
+        for name in ("layers", "hidden_size", "heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"user.{name}={getattr(self, name)}: must be >= 1, or null")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"user.dropout={self.dropout}: must be in [0, 1), or null")
+        if self.init != "scratch" and (self.hidden_size, self.heads, self.dropout) != (None, None, None):
+            raise ConfigError(f"user.hidden_size, user.heads and user.dropout shape a model built from scratch; "
+                              f"with user.init={self.init} the weights fix them: leave them null")
 
 
 def _quiet_transformers() -> None:
@@ -59,9 +76,16 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+DROPOUT_FIELDS = ("embd_pdrop", "resid_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout_prob",
+                  "attention_probs_dropout_prob", "hidden_dropout", "dropout")
+"""The names transformers configs give their dropout rates (GPT-2, Llama, BERT, ...)."""
+
+
 def load_backbone(name: str, init: str, attn_implementation: str, num_layers: int | None = None,
-                  log=print) -> tuple[nn.Module, str | dict]:
-    """A base model (no vocabulary head) from a preset, directory or hub name; random weights for init=scratch."""
+                  log=print, hidden_size: int | None = None, heads: int | None = None,
+                  dropout: float | None = None) -> tuple[nn.Module, str | dict]:
+    """A base model (no vocabulary head) from a preset, directory or hub name; random weights for init=scratch
+    (optionally reshaped: layers, width, heads, dropout)."""
     from transformers import AutoModel
 
     _quiet_transformers()
@@ -71,6 +95,21 @@ def load_backbone(name: str, init: str, attn_implementation: str, num_layers: in
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = config.layer_types[:num_layers]
+    if hidden_size is not None or heads is not None:
+        width = hidden_size or config.hidden_size
+        n_heads = heads or config.num_attention_heads
+        if width % n_heads:
+            raise ConfigError(f"user.hidden_size={width} is not a multiple of the {n_heads} attention heads; "
+                              "set user.heads to a divisor of it")
+        config.hidden_size, config.num_attention_heads = width, n_heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = n_heads
+        if hasattr(config, "head_dim"):
+            config.head_dim = width // n_heads
+    if dropout is not None:
+        for field in DROPOUT_FIELDS:
+            if isinstance(getattr(config, field, None), float):
+                setattr(config, field, dropout)
     if isinstance(location, dict) or init == "scratch":
         return AutoModel.from_config(config, attn_implementation=attn_implementation), location
     if num_layers is not None:
@@ -101,8 +140,10 @@ def load_tokenizer(location: str | dict, name: str):
 
 
 def build_user_llm(name: str, init: str, attn_implementation: str = "sdpa", num_layers: int | None = None,
-                   log=print) -> UserLLM:
-    backbone, _ = load_backbone(name, init, attn_implementation, num_layers, log=log)
+                   log=print, hidden_size: int | None = None, heads: int | None = None,
+                   dropout: float | None = None) -> UserLLM:
+    backbone, _ = load_backbone(name, init, attn_implementation, num_layers, log=log, hidden_size=hidden_size,
+                                heads=heads, dropout=dropout)
     backbone.config.use_cache = False
     drop_word_embeddings(backbone)
     assert_causal(backbone, f"user model '{name}'")
@@ -171,20 +212,48 @@ def load_item_llm(path: Path, attn_implementation: str = "sdpa") -> tuple[ItemLL
 def user_llm_from(config: UserModelConfig, stage_one: Path | None = None, log=print) -> UserLLM:
     """The User LLM a settings section asks for (init=stage-one reads `stage_one`, a saved User LLM folder)."""
     if config.init != "stage-one":
-        return build_user_llm(config.name, config.init, config.attn_implementation, config.layers, log=log)
+        return build_user_llm(config.name, config.init, config.attn_implementation, config.layers, log=log,
+                              hidden_size=config.hidden_size, heads=config.heads, dropout=config.dropout)
     if stage_one is None or not (stage_one / "user_llm.json").is_file():
         raise UserError(f"{stage_one}: no stage-one User LLM; run stage one or set user.init=scratch|pretrained")
     return load_user_llm(stage_one, config.attn_implementation)
 
 
 def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig) -> SequenceModel:
-    if user_llm.dim != items.dim:
+    if user_llm.dim != items.dim and not config.projection:
         raise UserError(f"the User LLM's hidden size is {user_llm.dim} but the {items.kind} embeddings have "
-                        f"{items.dim} dimensions; choose a User LLM of that width (or user.init=stage-one)")
-    model = SequenceModel(items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision)
+                        f"{items.dim} dimensions; choose a User LLM of that width (or user.init=stage-one), or set "
+                        "user.projection=true")
+    model = SequenceModel(items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision,
+                          projection=config.projection)
     if config.gradient_checkpointing:
         user_llm.backbone.gradient_checkpointing_enable()
     return model
+
+
+ITEM_SOURCES = ("cached", "id", "cached+id")
+"""What a stage-two model reads for an item: the cached embeddings, a trainable item-ID table, or their sum."""
+
+
+def item_source(kind: str, table: torch.Tensor | None, num_items: int, id_dim: int, adapter: bool = False
+                ) -> ItemSource:
+    """The item source `kind` names (one of ITEM_SOURCES); an ID-only table is `id_dim` wide, an ID table
+    summed with the cached one as wide as it."""
+    if kind not in ITEM_SOURCES:
+        raise ConfigError(f"items={kind}: use one of {', '.join(ITEM_SOURCES)}")
+    if kind == "id":
+        return IdItems(num_items, id_dim)
+    if table is None:
+        raise UserError(f"items={kind} reads cached item embeddings, and none were given")
+    cached = CachedItems(table, adapter)
+    return cached if kind == "cached" else SumItems(cached, IdItems(num_items, cached.dim))
+
+
+def source_name(items: ItemSource) -> str:
+    """The name of a model's item source as user_llm.json records it: text, cached, id, or a sum like cached+id."""
+    if isinstance(items, SumItems):
+        return "+".join(source_name(s) for s in items.sources)
+    return {TextItems: "text", CachedItems: "cached", IdItems: "id"}[type(items)]
 
 
 def text_source(model: SequenceModel) -> TextItems | None:
@@ -202,7 +271,9 @@ def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
         save_file(head, str(out / "user_head.safetensors"))
         described = {"time_embedding": model.time is not None, "time_precision": model.time_precision,
                      "time_fields": TIME_FIELDS, "item_id_embedding": model.item_ids is not None,
-                     "adapter": getattr(model.items, "adapter", None) is not None,
+                     "adapter": any(getattr(m, "adapter", None) is not None for m in model.items.modules()),
+                     "items": source_name(model.items), "num_items": model.items.num_items,
+                     "projection": model.project_in is not None,
                      "logit_scale": model.logit_scale.item()}
         (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
@@ -231,15 +302,27 @@ def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
     return UserLLM(backbone)
 
 
-def load_user_model(path: Path, table: torch.Tensor) -> tuple[SequenceModel, dict]:
-    """A saved User LLM (of either stage) over a cached embedding table, ready to score users; and its metadata."""
+def saved_item_source(path: Path) -> str:
+    """What a saved User LLM reads for an item (ITEM_SOURCES); one trained with the Item LLM reads the cached
+    embeddings that Item LLM wrote."""
+    kind = json.loads((path / "user_llm.json").read_text()).get("items", "cached")
+    return "cached" if kind == "text" else kind
+
+
+def load_user_model(path: Path, table: torch.Tensor | None) -> tuple[SequenceModel, dict]:
+    """A saved User LLM (of either stage) over its item source, ready to score users; and its metadata. `table`:
+    the cached embeddings, for a model that reads them (saved_item_source)."""
     meta = json.loads((path / "user_llm.json").read_text())
     user_llm = load_user_llm(path)
-    if user_llm.dim != table.shape[1]:
+    kind = saved_item_source(path)
+    projection = meta.get("projection", False)
+    if table is not None and user_llm.dim != table.shape[1] and not projection:
         raise UserError(f"{path}: the User LLM is {user_llm.dim} wide but the embeddings have {table.shape[1]} "
                         "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
-    model = SequenceModel(CachedItems(table, meta.get("adapter", False)), user_llm, meta.get("time_embedding", False),
-                          meta.get("item_id_embedding", False), meta.get("time_precision", "second"))
+    num_items = table.shape[0] - 1 if table is not None else int(meta["num_items"])
+    items = item_source(kind, table, num_items, user_llm.dim, meta.get("adapter", False))
+    model = SequenceModel(items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
+                          meta.get("time_precision", "second"), projection=projection)
     load_user_head(model, path)
     return model.eval(), meta
 

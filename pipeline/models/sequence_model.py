@@ -5,8 +5,9 @@ cached embeddings, an ID table, or a sum), plus optional additive inputs: a time
 Algorithm 1: year, month, day, hour, minute, second -> embeddings -> MLP) and an item-ID embedding. The User
 LLM's output at position i predicts item i+1; targets and negatives are embedded by the same item source.
 
-Shapes: B users, L positions (L+1 items: L inputs, each predicting the next), D embedding size, U distinct items
-of a step, P valid positions, K negatives.
+Shapes: B users, L positions (L+1 items: L inputs, each predicting the next), D the User LLM's width, D_item the
+item embedding size (equal to D unless a projection maps between them), U distinct items of a step, P valid
+positions, K negatives.
 """
 
 from __future__ import annotations
@@ -67,13 +68,16 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class SequenceModel(nn.Module):
     def __init__(self, items: ItemSource, user_llm: UserLLM, time_embedding: bool = False,
-                 item_id_embedding: bool = False, time_precision: str = "second") -> None:
+                 item_id_embedding: bool = False, time_precision: str = "second", projection: bool = False) -> None:
         super().__init__()
-        if items.dim != user_llm.dim:
+        if items.dim != user_llm.dim and not projection:
             raise ValueError(f"item embeddings have size {items.dim}, the User LLM {user_llm.dim}")
         dim = user_llm.dim
         self.items = items
         self.user_llm = user_llm
+        # item space (D_item) -> the User LLM's width (D) and back: scores stay in the item space
+        self.project_in = nn.Linear(items.dim, dim) if projection else None
+        self.project_out = nn.Linear(dim, items.dim) if projection else None
         self.time = TimeEmbedding(dim) if time_embedding else None
         self.time_precision = time_precision
         self.item_ids = nn.Embedding(items.num_items + 1, dim, padding_idx=0) if item_id_embedding else None
@@ -84,8 +88,8 @@ class SequenceModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
 
     def inputs(self, item_embs: torch.Tensor, ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
-        """User LLM inputs (B, L, D): item embedding + time embedding + item-ID embedding."""
-        x = item_embs
+        """User LLM inputs (B, L, D): item embedding (projected) + time embedding + item-ID embedding."""
+        x = self.project_in(item_embs) if self.project_in is not None else item_embs
         if self.time is not None and times is not None:
             x = x + self.time(times)
         if self.item_ids is not None:
@@ -103,7 +107,7 @@ class SequenceModel(nn.Module):
         input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
         mask = input_ids > 0  # (B, L)
         times = batch.times[:, :-1] if batch.times is not None else None  # (B, L, 6)
-        out = self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long())  # (B, L, D)
+        out = self.outputs(self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long()))  # (B, L, D_item)
         valid = mask & (target_ids > 0)  # (B, L)
         targets, valid_target_ids = seq[:, 1:][valid], target_ids[valid]  # (P, D), (P,)
         negatives = gather_rows(rows, batch.neg_index)  # (k, D) this process's negatives
@@ -123,4 +127,8 @@ class SequenceModel(nn.Module):
         (U, L, 6)), looking items up in `table` (N+1, D) = items.table()."""
         mask = (histories > 0).long()  # (U, L)
         out = self.user_llm(self.inputs(table[histories], histories, times), mask)  # (U, L, D)
-        return out[:, -1]  # the last position is always a real item (left padding)
+        return self.outputs(out[:, -1])  # the last position is always a real item (left padding)
+
+    def outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """User LLM outputs (..., D) -> predictions in the item space (..., D_item)."""
+        return self.project_out(out) if self.project_out is not None else out
