@@ -74,6 +74,8 @@ class StepBatch:
     """(K,) item_idx of every negative of the step, in the order the model sees them (gathered order)."""
     times: torch.Tensor | None
     """(b, L+1, 6) calendar fields of the sequence items, or None without a time embedding."""
+    stamps: torch.Tensor | None
+    """(b, L+1) unix seconds of the sequence items (0 on padding), or None for a User LLM that reads no time."""
     in_batch_negatives: bool
     """Also use the batch's other targets as negatives."""
     positions: int
@@ -87,7 +89,8 @@ class StepBatch:
         return replace(self, seq_ids=self.seq_ids.to(device), seq_index=self.seq_index.to(device),
                        item_inputs=_to(self.item_inputs, device), neg_index=self.neg_index.to(device),
                        negative_ids=self.negative_ids.to(device),
-                       times=self.times.to(device) if self.times is not None else None)
+                       times=self.times.to(device) if self.times is not None else None,
+                       stamps=self.stamps.to(device) if self.stamps is not None else None)
 
 
 def _to(obj, device: torch.device):
@@ -101,10 +104,11 @@ def _to(obj, device: torch.device):
 
 
 def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarray, rank: int, world: int,
-                    timestamps: np.ndarray | None = None, time_precision: str = "second",
+                    timestamps: np.ndarray | None = None, time_precision: str | None = None,
                     in_batch_negatives: bool = False) -> StepBatch:
     """Embed each distinct item of the step once: this process's sequence items and negatives (all of them, or
-    its share negatives[rank::world] where the source embeds negatives in shares)."""
+    its share negatives[rank::world] where the source embeds negatives in shares). With `timestamps`, the batch
+    carries them, and their calendar fields to `time_precision` where that is given (a time embedding)."""
     local_negs = negatives[rank::world] if source.shard_negatives else negatives
     unique = np.unique(np.concatenate([seq_ids[seq_ids > 0], local_negs]))  # (U,)
     item_inputs, order, tokens = source.prepare(unique)
@@ -112,11 +116,13 @@ def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarr
     row_of[order] = np.arange(len(order))
     seq_index = np.where(seq_ids > 0, row_of[np.searchsorted(unique, seq_ids)], 0)
     gathered = np.concatenate([negatives[r::world] for r in range(world)]) if source.shard_negatives else negatives
-    times = torch.from_numpy(time_features(timestamps, time_precision)) if timestamps is not None else None
+    times = torch.from_numpy(time_features(timestamps, time_precision)) \
+        if timestamps is not None and time_precision is not None else None
     return StepBatch(
         seq_ids=torch.from_numpy(seq_ids), seq_index=torch.from_numpy(seq_index), item_inputs=item_inputs,
         neg_index=torch.from_numpy(row_of[np.searchsorted(unique, local_negs)]),
         negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
+        stamps=torch.from_numpy(timestamps) if timestamps is not None else None,
         in_batch_negatives=in_batch_negatives,
         positions=int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()), items=len(unique), tokens=tokens)
 
@@ -146,9 +152,11 @@ def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExampl
         rows = order[start:start + batch_size]
         width = max(int(lengths[rows].max()), 1)
         ids = left_pad([examples.history(i) for i in rows], width).to(device)
-        times = None
-        if model.time is not None:
+        times = stamps = None
+        if model.reads_time:
             stamps = left_pad([examples.history_timestamps[offsets[i]:offsets[i + 1]] for i in rows], width)
-            times = torch.from_numpy(time_features(stamps.numpy(), model.time_precision)).to(device)
-        vectors[torch.from_numpy(rows)] = model.user_vectors(table, ids, times).float().cpu()
+            if model.time is not None:
+                times = torch.from_numpy(time_features(stamps.numpy(), model.time_precision)).to(device)
+            stamps = stamps.to(device)
+        vectors[torch.from_numpy(rows)] = model.user_vectors(table, ids, times, stamps).float().cpu()
     return vectors

@@ -145,6 +145,21 @@ def bench_search(
     run_bench(out, users, items, dim, k, batch_size, loop_users, log=_log)
 
 
+@app.command("report")
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (their reports/eval-*.json and validation logs) "
+                                               "or eval report files.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Markdown file to write; the PNG plots go beside it.")] = Path(
+        "reports/comparison.md"),
+    title: Annotated[str, typer.Option(help="Heading of the page.")] = "Comparison",
+) -> None:
+    """One Markdown page comparing runs: a table per evaluation protocol with its protocol card, plots of each
+    metric at each K and of the validation curves."""
+    from stages import report as stage_report
+
+    stage_report.run(runs, out, title, log=_log)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage commands, generated from the config dataclasses
 

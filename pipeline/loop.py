@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class LoopConfig:
     """Also use the batch's other target items as negatives."""
     lr: float = 1e-4
     """Peak AdamW learning rate."""
+    adam_beta2: float = 0.999
+    """AdamW's second-moment decay (the generative-recommenders recipes use 0.98)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases, norms and the logit scale)."""
     warmup_ratio: float = 0.1
@@ -92,6 +95,8 @@ class LoopConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1, or null")
         if self.eval_users < 0:
             raise ConfigError(f"train.eval_users={self.eval_users}: must be >= 0 (0 turns validation off)")
+        if not 0.5 <= self.adam_beta2 < 1:
+            raise ConfigError(f"train.adam_beta2={self.adam_beta2}: must be in [0.5, 1) (0.98 or 0.999 are usual)")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if self.tensorboard:
@@ -137,7 +142,8 @@ def _optimizer(model: torch.nn.Module, t: LoopConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
+                             betas=(0.9, t.adam_beta2))
 
 
 def _flops_per_work(model: SequenceModel) -> Callable[[dict], float]:
@@ -159,7 +165,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     checkpoint: Checkpoint
     progress: dict
-    """All the loop's resumable progress: step, epoch, batch (in the epoch), best, bad_epochs, stopped_early."""
+    """All the loop's resumable progress: step, epoch, batch (in the epoch), best, bad_epochs, stopped_early,
+    wall_seconds (training and validation so far, over every resume)."""
     batches: SequenceBatches
     total_steps: int
     num_negatives: int
@@ -197,7 +204,8 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(horizon, int(t.warmup_ratio * horizon)))
     checkpoint = Checkpoint(run_dir / "state.pt", {"identity": identity, "train": t.trajectory(), "seed": seed,
                                                    "world": world})
-    progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "stopped_early": False}
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "stopped_early": False,
+                "wall_seconds": 0.0}
     saved = checkpoint.load() if resume else None
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -244,6 +252,7 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
 
     run.model.train()
     window = StepWindow()
+    clock = time.perf_counter()
     while not progress["stopped_early"] and progress["epoch"] < t.epochs and progress["step"] < run.total_steps:
         epoch = progress["epoch"]
         while progress["batch"] < len(batches) and progress["step"] < run.total_steps:
@@ -253,11 +262,13 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 # dropout: a distinct stream per (step, micro-step, process), the same after a resume
                 torch.manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
                 index = progress["batch"] + micro
-                stamps = batches.timestamps(epoch, index, rank, world) if unwrapped.time is not None else None
+                stamps = batches.timestamps(epoch, index, rank, world) if unwrapped.reads_time else None
                 negatives = sample_negatives(seqs.num_items, run.num_negatives, seed, step, micro) \
                     if t.loss == "nce" else np.arange(1, seqs.num_items + 1)  # softmax: the whole catalogue
                 batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world), negatives,
-                                        rank, world, stamps, unwrapped.time_precision, t.in_batch_negatives
+                                        rank, world, stamps,
+                                        unwrapped.time_precision if unwrapped.time is not None else None,
+                                        t.in_batch_negatives
                                         ).to(accelerator.device)
                 valid_global = torch.tensor(float(batch.positions), device=accelerator.device)
                 if world > 1:
@@ -281,10 +292,13 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 run.save_state()
         # ---- end of an epoch (or of max_steps): validate, keep the best, maybe stop, save
         score = None
-        if t.eval_users > 0:
-            metrics = validate(unwrapped, seqs, t.max_len, t.eval_users, seed)
+        metrics = validate(unwrapped, seqs, t.max_len, t.eval_users, seed) if t.eval_users > 0 else None
+        progress["wall_seconds"] = progress.get("wall_seconds", 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+        if metrics is not None:
             score = metrics[t.early_stopping_metric]
-            run.log.write({"epoch": epoch, "step": progress["step"], "valid": metrics})
+            run.log.write({"epoch": epoch, "step": progress["step"], "wall_seconds": round(progress["wall_seconds"], 1),
+                           "valid": metrics})
             also = f" {t.early_stopping_metric} {score:.4f}" if t.early_stopping_metric not in ("recall@10",
                                                                                                "ndcg@10") else ""
             say(f"epoch {epoch} valid ({metrics['users']} users): recall@10 {metrics['recall@10']:.4f} "

@@ -4,6 +4,7 @@ two, and the candidate set of eval. Planted data: users walk the item cycle, nex
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from conftest import make_cached_run, run_cli
 
 from pipeline import config as cfg
 from pipeline.errors import ConfigError, UserError
+from pipeline.models.hstu import HSTUConfig, HSTUModel, lookup
+from pipeline.models.llm import UserLLM
 from pipeline.models.loss import nce_loss
 from pipeline.search import Masked, TorchSearch, masked_topk
 from stages import train_user as stage_two
@@ -48,19 +51,20 @@ def assert_learned(report: dict) -> None:
     assert m["recall@5"] >= RANDOM_RECALL_AT_5 + 0.3, report
 
 
-@pytest.mark.parametrize("loss", ["nce", "softmax"])
-def test_sasrec_on_item_ids_learns_the_pattern_and_eval_reads_it(cached, tmp_path, loss):
-    """SASRec needs no text and no stage one: item-ID embeddings through the same loop, saved as a User LLM that
-    eval loads without any cached embeddings."""
-    run = tmp_path / "sasrec"
+@pytest.mark.parametrize(("model", "loss"), [("sasrec", "nce"), ("sasrec", "softmax"), ("hstu", "nce")])
+def test_id_baselines_learn_the_pattern_and_eval_reads_them(cached, tmp_path, model, loss):
+    """SASRec and HSTU need no text and no stage one: item-ID embeddings through the same loop, saved as a User
+    LLM that eval loads without any cached embeddings."""
+    run = tmp_path / model
     run.mkdir()
-    conf = settings(cached, run, "items=id", "user.name=sasrec", "user.dropout=0.1", f"train.loss={loss}")
+    conf = settings(cached, run, "items=id", f"user.name={model}", "user.dropout=0.1", "user.scale_inputs=true",
+                    f"train.loss={loss}")
     stage_two.run(conf, log=lambda _: None)
     meta = json.loads((run / "user_llm" / "user_llm.json").read_text())
-    assert meta["items"] == "id" and meta["model"] == "sasrec" and meta["num_items"] == 40
+    assert meta["items"] == "id" and meta["model"] == model and meta["num_items"] == 40 and meta["scale_inputs"]
     report = evaluate(cached, run)
     assert report["protocol"]["model"]["items"] == "id" and report["protocol"]["model"]["embeddings_version"] is None
-    assert report["protocol"]["model"]["name"] == "sasrec (stage two)"
+    assert report["protocol"]["model"]["name"] == f"{model} (stage two)"
     assert report["protocol"]["candidates"] == "all" and report["protocol"]["candidate_items"] == 40
     assert_learned(report)
 
@@ -135,3 +139,93 @@ def test_items_outside_the_candidate_set_are_never_ranked():
     _, top = masked_topk(TorchSearch(items), queries, masked, 3)
     assert not np.isin(top, [3, 5]).any() and 1 not in top[0] and 6 not in top[1]
     assert set(top[0]) == {2, 4, 6} and set(top[1]) == {1, 2, 4}
+
+
+def tiny_hstu(relative_bias: bool = True, seed: int = 0) -> HSTUModel:
+    torch.manual_seed(seed)
+    config = HSTUConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                        dropout=0.0, relative_bias=relative_bias)
+    return HSTUModel(config).eval()
+
+
+def reference_hstu_block(block, x, stamps) -> torch.Tensor:
+    """One HSTU block written out per query position i and key j <= i (one sequence, no padding)."""
+    L, D = x.shape
+    heads, d = block.heads, D // block.heads
+    u, v, q, k = F.silu(F.layer_norm(x, (D,), eps=block.eps) @ block.uvqk.weight.T).chunk(4, dim=-1)
+    attended = torch.zeros(L, D)
+    for i in range(L):
+        for j in range(i + 1):
+            bucket = int(math.log(max(abs(int(stamps[i] - stamps[j])), 1)) / 0.301)
+            bias = block.bias.position[i - j] + block.bias.time[min(bucket, len(block.bias.time) - 1)]
+            for h in range(heads):
+                part = slice(h * d, (h + 1) * d)
+                weight = F.silu(q[i, part] @ k[j, part] + bias) / block.n
+                attended[i, part] += weight * v[j, part]
+    return x + block.out(u * F.layer_norm(attended, (D,), eps=block.eps))
+
+
+def test_hstu_applies_its_relative_position_and_time_bias():
+    model = tiny_hstu()
+    with torch.no_grad():
+        for block in model.blocks:  # weights large enough that a wrong index would show
+            block.bias.position.normal_(0, 1.0)
+            block.bias.time.normal_(0, 1.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 8, generator=g)
+    stamps = torch.tensor([[1_000, 1_030, 5_000, 90_000, 90_001, 3_000_000]])
+    mask = torch.ones(1, 6, dtype=torch.long)
+    out = model(inputs_embeds=x, attention_mask=mask, timestamps=stamps).last_hidden_state
+    # the same computation by hand, block by block
+    want = x[0] + model.positions(torch.arange(6))
+    for block in model.blocks:
+        want = reference_hstu_block(block, want, stamps[0])
+    torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
+    # the bias changes the output: other time gaps (same order), no time at all, or no bias module
+    later = stamps.clone()
+    later[0, 3:] += 7 * 86_400
+    assert not torch.allclose(out, model(inputs_embeds=x, attention_mask=mask, timestamps=later).last_hidden_state)
+    assert not torch.allclose(out, model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+    plain = tiny_hstu(relative_bias=False)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(out, plain(inputs_embeds=x, attention_mask=mask, timestamps=stamps).last_hidden_state)
+
+
+def test_hstu_is_causal_and_ignores_left_padding():
+    model = tiny_hstu()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 5, 8, generator=g)
+    stamps = torch.tensor([[10, 20, 400, 8_000, 9_000]])
+    user_llm = UserLLM(model)
+    alone = user_llm(x, torch.ones(1, 5, dtype=torch.long), stamps)
+    padded = user_llm(torch.cat([torch.randn(1, 3, 8, generator=g), x], 1),
+                      torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]), torch.cat([torch.zeros(1, 3, dtype=torch.long),
+                                                                            stamps], 1))
+    torch.testing.assert_close(padded[:, 3:], alone, rtol=1e-5, atol=1e-6)
+    changed = x.clone()
+    changed[0, 4] += 5.0
+    torch.testing.assert_close(user_llm(changed, torch.ones(1, 5, dtype=torch.long), stamps)[:, :4], alone[:, :4])
+
+
+def test_hstu_bias_lookup_gradient_matches_plain_indexing():
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (3, 40, 40), generator=g)
+    upstream = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    (lookup(table, index) * upstream).sum().backward()
+    fast = table.grad.clone()
+    table.grad = None
+    (table[index] * upstream).sum().backward()
+    torch.testing.assert_close(fast, table.grad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "stages" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path, tmp_path):
+    from stages import embed_items, prepare
+
+    kind = {"data": prepare.PrepareConfig, "embed": embed_items.EmbedItemsConfig}.get(path.name.split("-")[0],
+                                                                                      stage_two.TrainUserConfig)
+    conf = cfg.load(kind, path, [f"source={tmp_path}"] if kind is prepare.PrepareConfig else [])
+    if kind is stage_two.TrainUserConfig and conf.items == "id":  # the ID baselines: checkable without data
+        assert conf.user.init == "scratch" and conf.train.early_stopping_metric == "ndcg@10"

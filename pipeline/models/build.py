@@ -57,11 +57,20 @@ class UserModelConfig:
     """Finest calendar field the time embedding sees."""
     item_id_embedding: bool = False
     """Add a learned item-ID embedding to each position's input (slightly negative in the paper)."""
+    scale_inputs: bool = False
+    """Multiply the item embeddings by sqrt(width) before the User LLM adds its positions (SASRec and the
+    Transformer do, so that an ID table initialised small is not drowned by the position embeddings)."""
+    temperature: float | None = None
+    """A fixed softmax temperature for the cosine scores (the generative-recommenders recipes use 0.05);
+    null: a learned one, starting at 0.07."""
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden_size", "heads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"user.{name}={getattr(self, name)}: must be >= 1, or null")
+        if self.temperature is not None and not 0.01 <= self.temperature <= 1:
+            raise ConfigError(f"user.temperature={self.temperature}: must be in [0.01, 1] (0.05 is usual), or null "
+                              "for a learned one")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"user.dropout={self.dropout}: must be in [0, 1), or null")
         if self.init != "scratch" and (self.hidden_size, self.heads, self.dropout) != (None, None, None):
@@ -69,8 +78,11 @@ class UserModelConfig:
                               f"with user.init={self.init} the weights fix them: leave them null")
 
 
-def _quiet_transformers() -> None:
+def _prepare_transformers() -> None:
+    """Quiet transformers' logging and register this project's own architectures (HSTU) with its Auto classes."""
     from transformers.utils import logging
+
+    from pipeline.models import hstu  # noqa: F401  (registers model_type "hstu")
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -88,7 +100,7 @@ def load_backbone(name: str, init: str, attn_implementation: str, num_layers: in
     (optionally reshaped: layers, width, heads, dropout)."""
     from transformers import AutoModel
 
-    _quiet_transformers()
+    _prepare_transformers()
     location = presets.resolve(name, log=log)
     config = presets.load_config(location)
     if num_layers is not None:
@@ -190,7 +202,7 @@ def save_item_llm(item_llm: ItemLLM, tokenizer, path: Path, meta: dict) -> None:
 def load_item_llm(path: Path, attn_implementation: str = "sdpa") -> tuple[ItemLLM, object, dict]:
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_transformers()
+    _prepare_transformers()
     meta_path = path / "item_llm.json"
     if not meta_path.is_file():
         raise UserError(f"{path}: not an Item LLM folder (no item_llm.json); run `make embed-items` first")
@@ -225,7 +237,8 @@ def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig
                         f"{items.dim} dimensions; choose a User LLM of that width (or user.init=stage-one), or set "
                         "user.projection=true")
     model = SequenceModel(items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision,
-                          projection=config.projection)
+                          projection=config.projection, scale_inputs=config.scale_inputs,
+                          temperature=config.temperature)
     if config.gradient_checkpointing:
         user_llm.backbone.gradient_checkpointing_enable()
     return model
@@ -273,7 +286,7 @@ def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
                      "time_fields": TIME_FIELDS, "item_id_embedding": model.item_ids is not None,
                      "adapter": any(getattr(m, "adapter", None) is not None for m in model.items.modules()),
                      "items": source_name(model.items), "num_items": model.items.num_items,
-                     "projection": model.project_in is not None,
+                     "projection": model.project_in is not None, "scale_inputs": model.input_scale != 1.0,
                      "logit_scale": model.logit_scale.item()}
         (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
@@ -294,7 +307,7 @@ def load_user_head(model: SequenceModel, path: Path) -> None:
 def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
     from transformers import AutoModel
 
-    _quiet_transformers()
+    _prepare_transformers()
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a User LLM folder (no config.json)")
     backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
@@ -322,7 +335,8 @@ def load_user_model(path: Path, table: torch.Tensor | None) -> tuple[SequenceMod
     num_items = table.shape[0] - 1 if table is not None else int(meta["num_items"])
     items = item_source(kind, table, num_items, user_llm.dim, meta.get("adapter", False))
     model = SequenceModel(items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
-                          meta.get("time_precision", "second"), projection=projection)
+                          meta.get("time_precision", "second"), projection=projection,
+                          scale_inputs=meta.get("scale_inputs", False))
     load_user_head(model, path)
     return model.eval(), meta
 

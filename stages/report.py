@@ -1,0 +1,230 @@
+"""Comparison report (`report`): the eval reports of several runs as one Markdown page with PNG plots.
+
+Each run folder contributes its newest eval report per protocol (reports/eval-*.json) and its validation curve
+(stage2/metrics.jsonl, else stage1/metrics.jsonl); an eval report JSON can also be named directly. Runs are
+put in one table only when they were evaluated under the same protocol (dataset, split, history masking,
+candidate items, exact or approximate search); otherwise the page says so and gives each protocol its own table,
+with its protocol card. Writes OUT (Markdown) and, beside it, OUT-stem-metrics-<n>.png per protocol and
+OUT-stem-validation.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, write_text_atomic
+
+PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking")
+"""What must be equal for two runs' numbers to share a table (K may differ: a missing K is an empty cell)."""
+
+
+@dataclass
+class Entry:
+    run: str
+    """The run folder's name (or the report's, when named directly)."""
+    path: Path
+    """The eval report JSON."""
+    report: dict
+
+
+@dataclass
+class Curve:
+    run: str
+    epochs: list[int] = field(default_factory=list)
+    valid: list[dict] = field(default_factory=list)
+    wall_seconds: float | None = None
+
+
+def protocol_key(report: dict) -> tuple:
+    p = report["protocol"]
+    return tuple((k, p.get(k)) for k in PROTOCOL_KEYS) + (("search", p.get("index", {}).get("type")),)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable eval report ({type(e).__name__})") from None
+    if not isinstance(report, dict) or "metrics" not in report or "protocol" not in report:
+        raise UserError(f"{path}: not an eval report (expected the keys 'metrics' and 'protocol'); pass run folders "
+                        "or reports/eval-*.json files written by `hllm-pipeline eval`")
+    return report
+
+
+def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
+    """The eval reports and validation curves the inputs hold."""
+    entries: list[Entry] = []
+    curves: list[Curve] = []
+    for path in inputs:
+        if path.is_file():
+            entries.append(Entry(path.parent.parent.name, path, _load_json(path)))
+            continue
+        if not path.is_dir():
+            raise UserError(f"{path}: no such run folder or eval report")
+        reports = sorted((path / "reports").glob("eval-*.json"))
+        if not reports:
+            raise UserError(f"{path}: no eval report under {path / 'reports'}; run `hllm-pipeline eval --run {path}`")
+        newest: dict[tuple, Entry] = {}
+        for report_path in reports:  # names sort by time: the newest of each protocol wins
+            report = _load_json(report_path)
+            newest[protocol_key(report)] = Entry(path.name, report_path, report)
+        entries += newest.values()
+        curve = _curve(path)
+        if curve is not None:
+            curves.append(curve)
+    return entries, curves
+
+
+def _curve(run: Path) -> Curve | None:
+    for stage in ("stage2", "stage1"):
+        log = run / stage / "metrics.jsonl"
+        if log.is_file():
+            curve = Curve(run.name)
+            for line in log.read_text().splitlines():
+                record = json.loads(line)
+                if "valid" in record:
+                    curve.epochs.append(record["epoch"])
+                    curve.valid.append(record["valid"])
+                    curve.wall_seconds = record.get("wall_seconds", curve.wall_seconds)
+            return curve if curve.epochs else None
+    return None
+
+
+def _ks(entries: list[Entry]) -> list[int]:
+    return sorted({k for e in entries for k in e.report["protocol"]["k"]})
+
+
+def _cell(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:.4f}" if key in metrics else "—"
+
+
+def _minutes(seconds: float | None) -> str:
+    return f"{seconds / 60:.1f} min" if seconds is not None else "—"
+
+
+def _table(entries: list[Entry], curves: dict[str, Curve], base: Path) -> list[str]:
+    ks = _ks(entries)
+    head = ["run", "model", "items"] + [f"Recall@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + \
+        ["train wall time", "report"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        model = e.report["protocol"].get("model", {})
+        m = e.report["metrics"]
+        link = Path(os.path.relpath(e.path.resolve(), base.resolve())).as_posix()
+        curve = curves.get(e.run)
+        lines.append("| " + " | ".join([e.run, model.get("name", "?"), str(model.get("items", "—"))]
+                                       + [_cell(m, f"recall@{k}") for k in ks] + [_cell(m, f"ndcg@{k}") for k in ks]
+                                       + [_minutes(curve.wall_seconds if curve else None), f"[json]({link})"]) + " |")
+    floor = next((e.report["popularity"] for e in entries if "popularity" in e.report), None)
+    if floor is None:
+        floor = next((e.report["metrics"] for e in entries
+                      if e.report["protocol"].get("model", {}).get("name") == "popularity"), None)
+    if floor is not None:
+        lines.append("| popularity (same users) | | | " + " | ".join(
+            [_cell(floor, f"recall@{k}") for k in ks] + [_cell(floor, f"ndcg@{k}") for k in ks]) + " | | |")
+    return lines
+
+
+def _card(report: dict) -> list[str]:
+    p = report["protocol"]
+    shown = {k: p[k] for k in PROTOCOL_KEYS if k in p}
+    shown["search"] = p.get("index", {}).get("description", p.get("index", {}).get("type"))
+    return [f"- {k}: {v}" for k, v in shown.items()] + [f"- users: {report['users']:,}"]
+
+
+def _differences(groups: list[list[Entry]]) -> str:
+    keys = [dict(protocol_key(g[0].report)) for g in groups]
+    differ = [k for k in keys[0] if len({json.dumps(key.get(k)) for key in keys}) > 1]
+    return ", ".join(f"{k} ({' vs '.join(str(key.get(k)) for key in keys)})" for k in differ)
+
+
+def _plot_metrics(entries: list[Entry], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ks = _ks(entries)
+    rows = [(f"{e.run}: {e.report['protocol'].get('model', {}).get('name', '?')}", e.report["metrics"])
+            for e in entries]
+    floor = next((e.report["popularity"] for e in entries if "popularity" in e.report), None)
+    if floor is not None:
+        rows.append(("popularity", floor))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(rows)
+    for ax, metric in zip(axes, ("recall", "ndcg"), strict=True):
+        for i, (label, m) in enumerate(rows):
+            values = [m.get(f"{metric}@{k}", np.nan) for k in ks]
+            ax.bar(np.arange(len(ks)) + i * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(ks)) + width * (len(rows) - 1) / 2, [str(k) for k in ks])
+        ax.set_xlabel("K")
+        ax.set_title({"recall": "Recall@K", "ndcg": "NDCG@K"}[metric])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _plot_curves(curves: list[Curve], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("recall@10", "ndcg@10"), strict=True):
+        for curve in curves:
+            ax.plot(curve.epochs, [v.get(metric) for v in curve.valid], marker=".", label=curve.run)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"validation {metric}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> Path:
+    """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it."""
+    if not inputs:
+        raise UserError("report: name one or more run folders or eval report files")
+    if out.suffix != ".md":
+        raise UserError(f"--out {out}: the report is a Markdown file; give a path ending in .md")
+    entries, curves = collect(inputs)
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(protocol_key(e.report), []).append(e)
+    ordered = list(groups.values())
+    by_run = {c.run: c for c in curves}
+    base = out.parent
+    base.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."]
+    if len(ordered) > 1:
+        lines += ["", f"**These evaluations were made under {len(ordered)} different protocols; their numbers are "
+                  f"not comparable across tables.** They differ in: {_differences(ordered)}."]
+    for n, group in enumerate(ordered, 1):
+        plot = out.with_name(f"{out.stem}-metrics-{n}.png")
+        _plot_metrics(group, plot)
+        lines += ["", f"## Protocol {n}" if len(ordered) > 1 else "## Results", ""]
+        lines += _table(group, by_run, base)
+        lines += ["", f"![metrics at each K]({plot.name})", "", "Protocol card:", ""] + _card(group[0].report)
+    if curves:
+        plot = out.with_name(f"{out.stem}-validation.png")
+        _plot_curves(curves, plot)
+        lines += ["", "## Validation over epochs", "", f"![validation curves]({plot.name})", "",
+                  "| run | epochs | best valid NDCG@10 (epoch) | best valid Recall@10 (epoch) | wall time |",
+                  "|---|---|---|---|---|"]
+        for c in curves:
+            best = {m: max(range(len(c.valid)), key=lambda i, m=m: c.valid[i][m]) for m in ("ndcg@10", "recall@10")}
+            lines.append(f"| {c.run} | {len(c.epochs)} | {c.valid[best['ndcg@10']]['ndcg@10']:.4f} "
+                         f"({c.epochs[best['ndcg@10']]}) | {c.valid[best['recall@10']]['recall@10']:.4f} "
+                         f"({c.epochs[best['recall@10']]}) | {_minutes(c.wall_seconds)} |")
+    write_text_atomic(out, "\n".join(lines) + "\n")
+    log(f"report written to {out} ({len(entries)} evaluation(s), {len(ordered)} protocol(s))")
+    return out

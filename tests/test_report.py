@@ -1,0 +1,86 @@
+"""The comparison report: one Markdown page with plots, a table per evaluation protocol, never mixed silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_cached_run, run_cli
+
+from pipeline.errors import UserError
+from stages import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Two run folders evaluated (popularity, the real eval) under two protocols, one with a validation log."""
+    root = tmp_path_factory.mktemp("report")
+    cached = make_cached_run(root)
+    a, b = root / "run-a", root / "run-b"
+    shutil.copytree(cached["run"], a)
+    shutil.copytree(cached["run"], b)
+    for run, masking in ((a, "window"), (a, "full"), (b, "window")):
+        done = run_cli("eval", "--run", str(run), f"data={cached['data']}", "model=popularity", "--k", "5", "10",
+                       f"mask_history={masking}", "window=3")
+        assert done.returncode == 0, done.stderr
+    (a / "stage2").mkdir()
+    (a / "stage2" / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in [
+        {"step": 5, "epoch": 0, "loss": 3.0},
+        {"epoch": 0, "step": 5, "wall_seconds": 60.0, "valid": {"recall@10": 0.10, "ndcg@10": 0.05}},
+        {"epoch": 1, "step": 10, "wall_seconds": 120.0, "valid": {"recall@10": 0.30, "ndcg@10": 0.20}},
+        {"epoch": 2, "step": 15, "wall_seconds": 180.0, "valid": {"recall@10": 0.25, "ndcg@10": 0.21}}]) + "\n")
+    return {"a": a, "b": b}
+
+
+def test_report_puts_each_protocol_in_its_own_table_and_says_so(runs, tmp_path):
+    out = tmp_path / "cmp" / "page.md"
+    done = run_cli("report", str(runs["a"]), str(runs["b"]), "--out", str(out), "--title", "Fixture runs")
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert page.startswith("# Fixture runs")
+    assert "3 evaluation(s) of 2 run(s)" in page
+    assert "2 different protocols" in page and "mask_history (window vs full)" in page
+    assert page.count("## Protocol ") == 2 and page.count("Protocol card:") == 2
+    # protocol 1 (window masking) holds both runs, protocol 2 (full) only run-a
+    first, second = page.split("## Protocol 2")
+    assert "| run-a | popularity |" in first and "| run-b | popularity |" in first
+    assert "| run-b |" not in second and "| run-a | popularity |" in second
+    assert "- mask_history: window" in first and "- mask_history: full" in second
+    # each row: the numbers of its eval report and a link to it
+    for e in report.collect([runs["a"], runs["b"]])[0]:
+        m = e.report["metrics"]
+        cells = " | ".join(f"{m[key]:.4f}" for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
+        link = os.path.relpath(e.path, out.parent)
+        assert f"| {e.run} | popularity | — | {cells} | — | [json]({link}) |" in page or \
+            f"| {e.run} | popularity | — | {cells} | 3.0 min | [json]({link}) |" in page
+    # validation curve: best epochs and the wall time
+    assert "| run-a | 3 | 0.2100 (2) | 0.3000 (1) | 3.0 min |" in page
+    for png in ("page-metrics-1.png", "page-metrics-2.png", "page-validation.png"):
+        assert (out.parent / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in page
+
+
+def test_report_of_one_protocol_has_one_table(runs, tmp_path):
+    window_reports = [e.path for e in report.collect([runs["a"], runs["b"]])[0]
+                      if e.report["protocol"]["mask_history"] == "window"]
+    out = report.run(window_reports, tmp_path / "one.md", log=lambda _: None)
+    page = out.read_text()
+    assert "different protocols" not in page and page.count("## Results") == 1
+    assert "| popularity (same users) |" in page
+
+
+def test_report_refuses_what_is_not_an_eval_report(runs, tmp_path):
+    with pytest.raises(UserError, match="no eval report under"):
+        report.run([tmp_path], tmp_path / "x.md", log=lambda _: None)
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text("{}")
+    with pytest.raises(UserError, match="not an eval report"):
+        report.run([bogus], tmp_path / "x.md", log=lambda _: None)
+    done = run_cli("report", str(runs["a"]), "--out", str(tmp_path / "x.html"))
+    assert done.returncode == 2 and "ending in .md" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.html").exists()
