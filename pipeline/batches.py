@@ -78,6 +78,8 @@ class StepBatch:
     """(b, L+1) unix seconds of the sequence items (0 on padding), or None for a User LLM that reads no time."""
     in_batch_negatives: bool
     """Also use the batch's other targets as negatives."""
+    full_catalogue: bool
+    """The negatives are every item 1..N in order (loss=softmax): the loss is plain cross-entropy."""
     positions: int
     """Valid (input, target) positions in this process's share."""
     items: int
@@ -105,7 +107,7 @@ def _to(obj, device: torch.device):
 
 def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarray, rank: int, world: int,
                     timestamps: np.ndarray | None = None, time_precision: str | None = None,
-                    in_batch_negatives: bool = False) -> StepBatch:
+                    in_batch_negatives: bool = False, full_catalogue: bool = False) -> StepBatch:
     """Embed each distinct item of the step once: this process's sequence items and negatives (all of them, or
     its share negatives[rank::world] where the source embeds negatives in shares). With `timestamps`, the batch
     carries them, and their calendar fields to `time_precision` where that is given (a time embedding)."""
@@ -123,7 +125,7 @@ def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarr
         neg_index=torch.from_numpy(row_of[np.searchsorted(unique, local_negs)]),
         negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
         stamps=torch.from_numpy(timestamps) if timestamps is not None else None,
-        in_batch_negatives=in_batch_negatives,
+        in_batch_negatives=in_batch_negatives, full_catalogue=full_catalogue and not in_batch_negatives,
         positions=int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()), items=len(unique), tokens=tokens)
 
 

@@ -18,6 +18,21 @@ import torch
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, fingerprint
 
+ADDED_SETTINGS = {"scale_inputs": False, "temperature": None, "adam_beta2": 0.999}
+"""Settings added after states were first saved, each with the value that behaves as the code did before it: a
+saved state that lacks one still matches a run that has it at this value."""
+
+
+def _with_added_settings(old: dict, new: dict) -> dict:
+    """`old` with every ADDED_SETTINGS key that `new` has at the same place and `old` lacks, at its old value."""
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            out[key] = _with_added_settings(old[key], value)
+        elif key not in old and key in ADDED_SETTINGS:
+            out[key] = ADDED_SETTINGS[key]
+    return out
+
 
 class Checkpoint:
     def __init__(self, path: Path, settings: dict) -> None:
@@ -31,8 +46,9 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") != self.run_id:
-            changed = _differences(json.loads(saved.get("settings", "{}")), self.settings)
+        old = _with_added_settings(json.loads(saved.get("settings", "{}")), self.settings)
+        if saved.get("fingerprint") != self.run_id and fingerprint(old) != self.run_id:
+            changed = _differences(old, self.settings)
             extend = ("; runs are extended with more epochs or steps only when train.schedule_steps fixes the "
                       "learning-rate schedule from the start") if re.search(r"train\.(epochs|max_steps):", changed) \
                 else ""

@@ -105,6 +105,9 @@ class LoopConfig:
             except ImportError:
                 raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
                                   "(or pip install -e '.[tensorboard]'), or set train.tensorboard=false") from None
+        if self.loss == "softmax" and self.in_batch_negatives:
+            raise ConfigError("train.in_batch_negatives=true adds nothing to train.loss=softmax (every item is a "
+                              "negative already) and would count the batch's targets twice; set it to false")
         metric, _, k = self.early_stopping_metric.partition("@")
         if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
             raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
@@ -194,6 +197,10 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     world = accelerator.num_processes
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {world} processes")
+    limit = model.user_llm.max_positions
+    if limit is not None and t.max_len > limit:
+        raise ConfigError(f"train.max_len={t.max_len}: the User LLM has {limit} positions; lower train.max_len or "
+                          "choose a User LLM with more")
     windows = training_windows(seqs, t.max_len, t.chunking)
     if len(windows) == 0:
         raise UserError("no training sequence has two items; nothing to train on")
@@ -207,6 +214,8 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "stopped_early": False,
                 "wall_seconds": 0.0}
     saved = checkpoint.load() if resume else None
+    if saved is None and accelerator.is_main_process:  # a fresh start: the log of any earlier run goes with it
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -268,7 +277,7 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world), negatives,
                                         rank, world, stamps,
                                         unwrapped.time_precision if unwrapped.time is not None else None,
-                                        t.in_batch_negatives
+                                        t.in_batch_negatives, full_catalogue=t.loss == "softmax"
                                         ).to(accelerator.device)
                 valid_global = torch.tensor(float(batch.positions), device=accelerator.device)
                 if world > 1:

@@ -24,24 +24,44 @@ PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candida
 
 @dataclass
 class Entry:
-    run: str
-    """The run folder's name (or the report's, when named directly)."""
+    folder: Path
+    """The run folder (for a report named directly: the folder its reports/ is in)."""
     path: Path
     """The eval report JSON."""
     report: dict
 
+    @property
+    def run(self) -> str:
+        return self.folder.name
+
 
 @dataclass
 class Curve:
-    run: str
+    folder: Path
     epochs: list[int] = field(default_factory=list)
     valid: list[dict] = field(default_factory=list)
     wall_seconds: float | None = None
+    """Training and validation time up to the last epoch (None for logs older than the wall-time field)."""
 
 
 def protocol_key(report: dict) -> tuple:
-    p = report["protocol"]
+    p = dict(report["protocol"])
+    p.setdefault("candidates", "all")  # reports older than the candidate setting ranked every item
+    p.setdefault("candidate_items", p.get("items"))
     return tuple((k, p.get(k)) for k in PROTOCOL_KEYS) + (("search", p.get("index", {}).get("type")),)
+
+
+def model_key(report: dict) -> tuple:
+    """Which model a report evaluated: a run folder may hold evaluations of several (popularity, either stage's
+    User LLM, other embeddings or history lengths)."""
+    m = report["protocol"].get("model", {})
+    return tuple(m.get(k) for k in ("name", "user_llm", "fingerprint", "max_len", "embeddings_version"))
+
+
+def _report_order(path: Path) -> tuple:
+    """eval-<date>-<time>.json, then eval-<date>-<time>-2.json, ... (eval's names for reports of one second)."""
+    parts = path.stem.split("-")  # eval, date, time[, n]
+    return (*parts[1:3], int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 1)
 
 
 def _load_json(path: Path) -> dict:
@@ -49,8 +69,9 @@ def _load_json(path: Path) -> dict:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable eval report ({type(e).__name__})") from None
-    if not isinstance(report, dict) or "metrics" not in report or "protocol" not in report:
-        raise UserError(f"{path}: not an eval report (expected the keys 'metrics' and 'protocol'); pass run folders "
+    if not isinstance(report, dict) or not {"metrics", "protocol", "users"} <= set(report) or \
+            "k" not in report.get("protocol", {}):
+        raise UserError(f"{path}: not an eval report (expected metrics, users and protocol.k); pass run folders "
                         "or reports/eval-*.json files written by `hllm-pipeline eval`")
     return report
 
@@ -60,8 +81,9 @@ def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
     entries: list[Entry] = []
     curves: list[Curve] = []
     for path in inputs:
+        path = path.resolve()
         if path.is_file():
-            entries.append(Entry(path.parent.parent.name, path, _load_json(path)))
+            entries.append(Entry(path.parent.parent, path, _load_json(path)))
             continue
         if not path.is_dir():
             raise UserError(f"{path}: no such run folder or eval report")
@@ -69,9 +91,9 @@ def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
         if not reports:
             raise UserError(f"{path}: no eval report under {path / 'reports'}; run `hllm-pipeline eval --run {path}`")
         newest: dict[tuple, Entry] = {}
-        for report_path in reports:  # names sort by time: the newest of each protocol wins
+        for report_path in sorted(reports, key=_report_order):  # the newest of each protocol and model wins
             report = _load_json(report_path)
-            newest[protocol_key(report)] = Entry(path.name, report_path, report)
+            newest[protocol_key(report) + model_key(report)] = Entry(path, report_path, report)
         entries += newest.values()
         curve = _curve(path)
         if curve is not None:
@@ -83,14 +105,19 @@ def _curve(run: Path) -> Curve | None:
     for stage in ("stage2", "stage1"):
         log = run / stage / "metrics.jsonl"
         if log.is_file():
-            curve = Curve(run.name)
+            by_epoch: dict[int, dict] = {}
             for line in log.read_text().splitlines():
-                record = json.loads(line)
-                if "valid" in record:
-                    curve.epochs.append(record["epoch"])
-                    curve.valid.append(record["valid"])
-                    curve.wall_seconds = record.get("wall_seconds", curve.wall_seconds)
-            return curve if curve.epochs else None
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line being written while the run trains
+                    continue
+                if "valid" in record:  # an epoch validated again after a resume: the later line counts
+                    by_epoch[record["epoch"]] = record
+            if not by_epoch:
+                return None
+            epochs = sorted(by_epoch)
+            return Curve(run, epochs, [by_epoch[e]["valid"] for e in epochs],
+                         by_epoch[epochs[-1]].get("wall_seconds"))
     return None
 
 
@@ -106,16 +133,16 @@ def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds is not None else "—"
 
 
-def _table(entries: list[Entry], curves: dict[str, Curve], base: Path) -> list[str]:
+def _table(entries: list[Entry], curves: dict[Path, Curve], base: Path) -> list[str]:
     ks = _ks(entries)
     head = ["run", "model", "items"] + [f"Recall@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + \
-        ["train wall time", "report"]
+        ["wall time (train + validation)", "report"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         model = e.report["protocol"].get("model", {})
         m = e.report["metrics"]
         link = Path(os.path.relpath(e.path.resolve(), base.resolve())).as_posix()
-        curve = curves.get(e.run)
+        curve = curves.get(e.folder)
         lines.append("| " + " | ".join([e.run, model.get("name", "?"), str(model.get("items", "—"))]
                                        + [_cell(m, f"recall@{k}") for k in ks] + [_cell(m, f"ndcg@{k}") for k in ks]
                                        + [_minutes(curve.wall_seconds if curve else None), f"[json]({link})"]) + " |")
@@ -180,7 +207,7 @@ def _plot_curves(curves: list[Curve], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("recall@10", "ndcg@10"), strict=True):
         for curve in curves:
-            ax.plot(curve.epochs, [v.get(metric) for v in curve.valid], marker=".", label=curve.run)
+            ax.plot(curve.epochs, [v.get(metric) for v in curve.valid], marker=".", label=curve.folder.name)
         ax.set_xlabel("epoch")
         ax.set_title(f"validation {metric}")
     axes[0].legend(fontsize=7)
@@ -201,7 +228,7 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> 
     for e in entries:
         groups.setdefault(protocol_key(e.report), []).append(e)
     ordered = list(groups.values())
-    by_run = {c.run: c for c in curves}
+    by_run = {c.folder: c for c in curves}
     base = out.parent
     base.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."]
@@ -221,8 +248,9 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> 
                   "| run | epochs | best valid NDCG@10 (epoch) | best valid Recall@10 (epoch) | wall time |",
                   "|---|---|---|---|---|"]
         for c in curves:
-            best = {m: max(range(len(c.valid)), key=lambda i, m=m: c.valid[i][m]) for m in ("ndcg@10", "recall@10")}
-            lines.append(f"| {c.run} | {len(c.epochs)} | {c.valid[best['ndcg@10']]['ndcg@10']:.4f} "
+            best = {m: max(range(len(c.valid)), key=lambda i, m=m: c.valid[i].get(m, -1.0))
+                    for m in ("ndcg@10", "recall@10")}
+            lines.append(f"| {c.folder.name} | {len(c.epochs)} | {c.valid[best['ndcg@10']]['ndcg@10']:.4f} "
                          f"({c.epochs[best['ndcg@10']]}) | {c.valid[best['recall@10']]['recall@10']:.4f} "
                          f"({c.epochs[best['recall@10']]}) | {_minutes(c.wall_seconds)} |")
     write_text_atomic(out, "\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ from pipeline import config as cfg
 from pipeline.errors import ConfigError, UserError
 from pipeline.models.hstu import HSTUConfig, HSTUModel, lookup
 from pipeline.models.llm import UserLLM
-from pipeline.models.loss import nce_loss
+from pipeline.models.loss import nce_loss, softmax_loss
 from pipeline.search import Masked, TorchSearch, masked_topk
 from stages import train_user as stage_two
 
@@ -89,6 +89,35 @@ def test_text_plus_ids_is_a_recipe_of_stage_two(cached, tmp_path):
     assert_learned(report)
 
 
+def test_settings_that_cannot_work_together_are_refused(cached, tmp_path):
+    with pytest.raises(ConfigError, match="in_batch_negatives=true adds nothing to train.loss=softmax"):
+        cfg.load(stage_two.TrainUserConfig, None, ["data=d", "run=r", "train.loss=softmax",
+                                                    "train.in_batch_negatives=true"])
+    with pytest.raises(ConfigError, match="train.max_len=300: the User LLM has 256 positions"):
+        stage_two.run(settings(cached, tmp_path / "long", "items=id", "user.name=hstu", "train.max_len=300"),
+                      log=lambda _: None)
+    with pytest.raises(ConfigError, match="HSTUModel does not support it"):
+        stage_two.run(settings(cached, tmp_path / "gc", "items=id", "user.name=hstu",
+                               "user.gradient_checkpointing=true"), log=lambda _: None)
+
+
+def test_a_fixed_temperature_is_not_replaced_by_a_saved_logit_scale(tmp_path):
+    from pipeline.models import build
+    from pipeline.models.item_sources import IdItems
+    from pipeline.models.sequence_model import SequenceModel
+
+    user = build.build_user_llm("hstu", "scratch", log=lambda _: None)
+    learned = SequenceModel(IdItems(5, user.dim), user)
+    with torch.no_grad():
+        learned.logit_scale.fill_(1.0)
+    build.save_user_llm(learned, tmp_path / "saved", {})
+    fixed = SequenceModel(IdItems(5, user.dim), user, temperature=0.05)
+    build.load_user_head(fixed, tmp_path / "saved")
+    assert fixed.logit_scale.exp().item() == pytest.approx(20.0) and not fixed.logit_scale.requires_grad
+    build.load_user_head(learned_again := SequenceModel(IdItems(5, user.dim), user), tmp_path / "saved")
+    assert learned_again.logit_scale.item() == pytest.approx(1.0)
+
+
 def test_user_model_shape_settings_are_checked():
     with pytest.raises(ConfigError, match="user.dropout=1.5"):
         cfg.load(stage_two.TrainUserConfig, None, ["data=d", "run=r", "user.init=scratch", "user.dropout=1.5"])
@@ -128,6 +157,12 @@ def test_sampled_and_full_softmax_losses_agree_with_a_reference():
                    torch.tensor(scale).log()).loss_per_position
     logits = F.normalize(user_out, dim=-1) @ F.normalize(table[1:], dim=-1).T * scale  # (4, 7)
     torch.testing.assert_close(got, F.cross_entropy(logits, target_ids - 1, reduction="none"))
+    # the fast path of loss=softmax: the same numbers without the concatenation and the mask
+    fast = softmax_loss(user_out, target_ids, table[1:], torch.tensor(scale).log())
+    torch.testing.assert_close(fast.loss_per_position, got)
+    slow = nce_loss(user_out, table[target_ids], target_ids, table[every], every, torch.tensor(scale).log())
+    assert torch.equal(fast.top1_correct, slow.top1_correct)
+    assert torch.equal(fast.surviving_negatives, slow.surviving_negatives)
 
 
 def test_items_outside_the_candidate_set_are_never_ranked():
@@ -157,7 +192,7 @@ def reference_hstu_block(block, x, stamps) -> torch.Tensor:
     for i in range(L):
         for j in range(i + 1):
             bucket = int(math.log(max(abs(int(stamps[i] - stamps[j])), 1)) / 0.301)
-            bias = block.bias.position[i - j] + block.bias.time[min(bucket, len(block.bias.time) - 1)]
+            bias = block.bias.position_bias[i - j] + block.bias.time_bias[min(bucket, len(block.bias.time_bias) - 1)]
             for h in range(heads):
                 part = slice(h * d, (h + 1) * d)
                 weight = F.silu(q[i, part] @ k[j, part] + bias) / block.n
@@ -169,15 +204,15 @@ def test_hstu_applies_its_relative_position_and_time_bias():
     model = tiny_hstu()
     with torch.no_grad():
         for block in model.blocks:  # weights large enough that a wrong index would show
-            block.bias.position.normal_(0, 1.0)
-            block.bias.time.normal_(0, 1.0)
+            block.bias.position_bias.normal_(0, 1.0)
+            block.bias.time_bias.normal_(0, 1.0)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 6, 8, generator=g)
     stamps = torch.tensor([[1_000, 1_030, 5_000, 90_000, 90_001, 3_000_000]])
     mask = torch.ones(1, 6, dtype=torch.long)
     out = model(inputs_embeds=x, attention_mask=mask, timestamps=stamps).last_hidden_state
     # the same computation by hand, block by block
-    want = x[0] + model.positions(torch.arange(6))
+    want = x[0] + model.position_embeddings(torch.arange(6))
     for block in model.blocks:
         want = reference_hstu_block(block, want, stamps[0])
     torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)

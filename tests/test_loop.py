@@ -18,6 +18,7 @@ from pipeline import loop
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import ConfigError, UserError
+from pipeline.io import fingerprint
 from pipeline.models import build
 from pipeline.models.item_sources import CachedItems, IdItems, SumItems
 from pipeline.validation import validate
@@ -70,6 +71,26 @@ def test_extending_a_run_whose_schedule_spans_it_is_refused_with_the_reason(cach
     stage_two.run(settings(cached, tmp_path / "r", "train.epochs=1", "train.eval_users=0"), log=quiet)
     with pytest.raises(UserError, match=r"made with other settings .*train\.epochs: 1 -> 2.*train\.schedule_steps"):
         stage_two.run(settings(cached, tmp_path / "r", "train.epochs=2", "train.eval_users=0"), log=quiet)
+
+
+def test_a_state_saved_before_a_setting_existed_resumes_at_its_old_value(cached, tmp_path):
+    """A state written before user.scale_inputs and train.adam_beta2 existed (its settings lack them) resumes
+    while they keep the values that behave as the code did then; other values are refused."""
+    run = tmp_path / "old"
+    stage_two.run(settings(cached, run, "train.max_steps=2", "train.epochs=3", "train.eval_users=0",
+                           "train.schedule_steps=30"), log=quiet)
+    path = run / "stage2" / "state.pt"
+    saved = torch.load(path, weights_only=True)
+    old = json.loads(saved["settings"])
+    del old["identity"]["model"]["user"]["scale_inputs"], old["train"]["adam_beta2"]
+    saved["settings"], saved["fingerprint"] = json.dumps(old), fingerprint(old)
+    torch.save(saved, path)
+    later = ("train.max_steps=4", "train.epochs=3", "train.eval_users=0", "train.schedule_steps=30")
+    with pytest.raises(UserError, match=r"train\.adam_beta2: 0\.999 -> 0\.98"):
+        stage_two.run(settings(cached, run, *later, "train.adam_beta2=0.98"), log=quiet)
+    said = []
+    stage_two.run(settings(cached, run, *later), log=said.append)
+    assert any("resuming" in line and "step 2" in line for line in said)
 
 
 def test_checkpoint_is_plain_tensors_and_values(cached, tmp_path):

@@ -240,6 +240,9 @@ def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig
                           projection=config.projection, scale_inputs=config.scale_inputs,
                           temperature=config.temperature)
     if config.gradient_checkpointing:
+        if not user_llm.backbone.supports_gradient_checkpointing:
+            raise ConfigError(f"user.gradient_checkpointing=true: {type(user_llm.backbone).__name__} does not "
+                              "support it; set user.gradient_checkpointing=false")
         user_llm.backbone.gradient_checkpointing_enable()
     return model
 
@@ -295,12 +298,16 @@ def load_user_head(model: SequenceModel, path: Path) -> None:
     """Load a saved User LLM's head into `model` (the weights it has a place for, of the same shape). A folder of
     an older version without a head file has only the logit scale, in user_llm.json."""
     if not (path / "user_head.safetensors").is_file():
+        if not model.logit_scale.requires_grad:
+            return
         with torch.no_grad():
             model.logit_scale.fill_(json.loads((path / "user_llm.json").read_text())["logit_scale"])
         return
     head = load_file(str(path / "user_head.safetensors"))
     head = {("items." + k if k.startswith("adapter.") else k): v for k, v in head.items()}  # older name
     own = model.state_dict()
+    if not model.logit_scale.requires_grad:  # a fixed temperature (user.temperature) stays as set
+        head.pop("logit_scale", None)
     model.load_state_dict({k: v for k, v in head.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 

@@ -30,17 +30,19 @@ class HSTUConfig(PretrainedConfig):
     model_type = "hstu"
 
     def __init__(self, hidden_size: int = 50, num_hidden_layers: int = 2, num_attention_heads: int = 1,
-                 max_position_embeddings: int = 256, dropout: float = 0.2, attention_dropout: float = 0.0,
+                 max_position_embeddings: int = 256, dropout: float = 0.2, attention_weights_dropout: float = 0.0,
                  time_buckets: int = 128, relative_bias: bool = True, layer_norm_eps: float = 1e-6,
                  vocab_size: int = 1, **kwargs) -> None:
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.max_position_embeddings = max_position_embeddings
-        """Learned positions; longer sequences share the last one. Also the divisor n of the attention."""
+        """Learned positions and relative distances (training refuses longer sequences). Also the divisor n of
+        the attention weights, which the LayerNorm of the attention output makes nearly irrelevant."""
         self.dropout = dropout
-        """On the inputs and on each block's output (the reference's linear dropout)."""
-        self.attention_dropout = attention_dropout
+        """On the inputs and on each block's output (the reference's linear dropout; user.dropout sets it)."""
+        self.attention_weights_dropout = attention_weights_dropout
+        """On the attention weights (the reference: none)."""
         self.time_buckets = time_buckets
         self.relative_bias = relative_bias
         """False: no relative position or time bias (an ablation)."""
@@ -49,27 +51,27 @@ class HSTUConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def time_buckets(seconds: torch.Tensor, num_buckets: int) -> torch.Tensor:
+def bucket_of(seconds: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Log-spaced bucket of a time difference in seconds: floor(ln(max(|dt|, 1)) / 0.301), at most num_buckets."""
     return (torch.log(seconds.abs().clamp(min=1).float()) / 0.301).long().clamp(0, num_buckets)
 
 
 class _Lookup(torch.autograd.Function):
     """table[index] for a small 1-D table and millions of indices. Its backward sums the gradient per entry with
-    bincount: in a fixed order (plain indexing's CPU backward adds repeated indices in thread-timing order) and
-    several times faster than the embedding backward."""
+    bincount: on the CPU in a fixed order (plain indexing's CPU backward adds repeated indices in thread-timing
+    order, so runs would not repeat exactly) and several times faster than the embedding backward."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.size = table.shape[0]
+        ctx.size, ctx.dtype = table.shape[0], table.dtype
         return table[index]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         summed = torch.bincount(index.reshape(-1), weights=grad.reshape(-1), minlength=ctx.size)
-        return summed.to(grad.dtype), None
+        return summed.to(ctx.dtype), None
 
 
 def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -81,13 +83,13 @@ class RelativeBias(nn.Module):
 
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
-        self.position = nn.Parameter(torch.zeros(config.max_position_embeddings))
-        self.time = nn.Parameter(torch.zeros(config.time_buckets + 1))
+        self.position_bias = nn.Parameter(torch.zeros(config.max_position_embeddings))
+        self.time_bias = nn.Parameter(torch.zeros(config.time_buckets + 1))
 
     def forward(self, distance: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
         """distance (B, L, L) i - j clamped to the table; buckets (B, L, L) time buckets, or None (no time)."""
-        bias = lookup(self.position, distance)
-        return bias + lookup(self.time, buckets) if buckets is not None else bias
+        bias = lookup(self.position_bias, distance)
+        return bias + lookup(self.time_bias, buckets) if buckets is not None else bias
 
 
 class HSTUBlock(nn.Module):
@@ -100,7 +102,7 @@ class HSTUBlock(nn.Module):
         self.uvqk = nn.Linear(d, 4 * d, bias=False)
         self.out = nn.Linear(d, d)
         self.dropout = nn.Dropout(config.dropout)
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.attention_dropout = nn.Dropout(config.attention_weights_dropout)
         self.bias = RelativeBias(config) if config.relative_bias else None
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, distance: torch.Tensor, buckets: torch.Tensor | None
@@ -130,21 +132,22 @@ class HSTUModel(PreTrainedModel):
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # unused: inputs are embeddings
-        self.positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_hidden_layers))
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # the reference's: U/V/Q/K maps N(0, 0.02), output maps Xavier, positions N(0, 1/D), biases N(0, 0.02)
+        # as the reference: std 0.02 for U/V/Q/K and the biases, Xavier for the output maps, std 1/sqrt(D) for
+        # the position embeddings
         if isinstance(module, HSTUBlock):
             nn.init.normal_(module.uvqk.weight, std=0.02)
             nn.init.xavier_uniform_(module.out.weight)
             nn.init.zeros_(module.out.bias)
         elif isinstance(module, RelativeBias):
-            nn.init.normal_(module.position, std=0.02)
-            nn.init.normal_(module.time, std=0.02)
+            nn.init.normal_(module.position_bias, std=0.02)
+            nn.init.normal_(module.time_bias, std=0.02)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=1 / math.sqrt(self.config.hidden_size))
 
@@ -166,12 +169,12 @@ class HSTUModel(PreTrainedModel):
             position_ids = torch.arange(L, device=inputs_embeds.device).expand(B, L)
         last = self.config.max_position_embeddings - 1
         position_ids = position_ids.clamp(max=last)
-        x = self.dropout(inputs_embeds + self.positions(position_ids))  # (B, L, D)
+        x = self.dropout(inputs_embeds + self.position_embeddings(position_ids))  # (B, L, D)
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         keep = causal & attention_mask.bool()[:, None, :]  # (B, L, L)
         # the bias tables' indices, once for every block
         distance = (position_ids[:, :, None] - position_ids[:, None, :]).clamp(0, last)
-        buckets = time_buckets(timestamps[:, :, None] - timestamps[:, None, :], self.config.time_buckets) \
+        buckets = bucket_of(timestamps[:, :, None] - timestamps[:, None, :], self.config.time_buckets) \
             if timestamps is not None else None  # (B, L, L)
         for block in self.blocks:
             x = block(x, keep, distance, buckets)

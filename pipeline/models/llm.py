@@ -64,6 +64,9 @@ class UserLLM(nn.Module):
         self.dim = backbone.config.hidden_size
         self.reads_time = getattr(backbone, "accepts_timestamps", False)
         """The decoder takes each position's unix time (HSTU's time bias); others never see it."""
+        config = backbone.config
+        self.max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        """Positions the decoder has (learned position tables end there); None where it does not say."""
 
     def forward(self, item_embs: torch.Tensor, attention_mask: torch.Tensor, timestamps: torch.Tensor | None = None
                 ) -> torch.Tensor:

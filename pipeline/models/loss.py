@@ -35,6 +35,11 @@ def nce_loss(user_out: torch.Tensor, targets: torch.Tensor, target_ids: torch.Te
              negative_ids: torch.Tensor, logit_scale: torch.Tensor) -> NCEOutput:
     """user_out (P, D) predictions at valid positions, targets (P, D) the next items' embeddings, target_ids (P,),
     negatives (K, D) shared by every position, negative_ids (K,), logit_scale a scalar (log of the scale)."""
+    with torch.autocast(user_out.device.type, enabled=False):  # fp32 logits even inside a bf16 forward
+        return _nce_loss(user_out, targets, target_ids, negatives, negative_ids, logit_scale)
+
+
+def _nce_loss(user_out, targets, target_ids, negatives, negative_ids, logit_scale) -> NCEOutput:
     u = F.normalize(user_out.float(), dim=-1)  # (P, D)
     t = F.normalize(targets.float(), dim=-1)  # (P, D)
     n = F.normalize(negatives.float(), dim=-1)  # (K, D)
@@ -48,3 +53,21 @@ def nce_loss(user_out: torch.Tensor, targets: torch.Tensor, target_ids: torch.Te
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     loss = F.cross_entropy(logits, labels, reduction="none")  # (P,)
     return NCEOutput(loss, (~collide).sum(1), logits.argmax(1) == 0)
+
+
+def softmax_loss(user_out: torch.Tensor, target_ids: torch.Tensor, catalogue: torch.Tensor,
+                 logit_scale: torch.Tensor) -> NCEOutput:
+    """Full cross-entropy over the catalogue: user_out (P, D), target_ids (P,) in 1..N, catalogue (N, D) the
+    embeddings of items 1..N in order. The same loss as nce_loss with every item a negative (the target's own
+    copy masked), computed without the (P, 1 + N) concatenation and mask: one matmul and one cross-entropy."""
+    with torch.autocast(user_out.device.type, enabled=False):
+        return _softmax_loss(user_out, target_ids, catalogue, logit_scale)
+
+
+def _softmax_loss(user_out, target_ids, catalogue, logit_scale) -> NCEOutput:
+    u = F.normalize(user_out.float(), dim=-1)  # (P, D)
+    c = F.normalize(catalogue.float(), dim=-1)  # (N, D)
+    logits = (u @ c.T) * logit_scale.float().exp()  # (P, N)
+    loss = F.cross_entropy(logits, target_ids - 1, reduction="none")  # (P,)
+    kept = torch.full_like(target_ids, catalogue.shape[0] - 1)
+    return NCEOutput(loss, kept, logits.argmax(1) == target_ids - 1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.models.item_sources import ItemSource
 from pipeline.models.llm import UserLLM
-from pipeline.models.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss
+from pipeline.models.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss, softmax_loss
 
 if TYPE_CHECKING:
     from pipeline.batches import StepBatch
@@ -121,6 +121,8 @@ class SequenceModel(nn.Module):
         valid = mask & (target_ids > 0)  # (B, L)
         targets, valid_target_ids = seq[:, 1:][valid], target_ids[valid]  # (P, D), (P,)
         negatives = gather_rows(rows, batch.neg_index)  # (k, D) this process's negatives
+        if batch.full_catalogue:  # negatives = items 1..N in order: plain cross-entropy, the fast way
+            return softmax_loss(out[valid], valid_target_ids, negatives, self.logit_scale)
         if gather is not None and self.items.shard_negatives:
             negatives = gather(negatives)  # (K, D)
         negative_ids = batch.negative_ids  # (K,)
