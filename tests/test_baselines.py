@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from conftest import make_cached_run, run_cli
 
 from pipeline import config as cfg
+from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import ConfigError, UserError
+from pipeline.models import build
 from pipeline.models.hstu import HSTUConfig, HSTUModel, lookup
 from pipeline.models.llm import UserLLM
 from pipeline.models.loss import nce_loss, softmax_loss
@@ -84,6 +86,12 @@ def test_projection_lets_a_narrow_user_llm_read_wide_embeddings(cached, tmp_path
 def test_text_plus_ids_is_a_recipe_of_stage_two(cached, tmp_path):
     run = tmp_path / "sum"
     stage_two.run(settings(cached, run, "items=cached+id", "user.name=llama-tiny"), log=lambda _: None)
+    # the ID table starts at the cached vectors' spread (std 1 here): scaled by 1 / 0.02, and loaded back so
+    table = load_embeddings(run / "embeddings" / "v-test").embeddings
+    meta = json.loads((run / "user_llm" / "user_llm.json").read_text())
+    assert meta["id_scale"] == pytest.approx(float(table[1:].std()) / 0.02)
+    loaded, _ = build.load_user_model(run / "user_llm", table)
+    assert loaded.items.sources[1].scale == meta["id_scale"]
     report = evaluate(cached, run)
     assert report["protocol"]["model"]["items"] == "cached+id" and report["protocol"]["model"]["embeddings_version"]
     assert_learned(report)
@@ -102,7 +110,6 @@ def test_settings_that_cannot_work_together_are_refused(cached, tmp_path):
 
 
 def test_a_fixed_temperature_is_not_replaced_by_a_saved_logit_scale(tmp_path):
-    from pipeline.models import build
     from pipeline.models.item_sources import IdItems
     from pipeline.models.sequence_model import SequenceModel
 

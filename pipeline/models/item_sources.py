@@ -100,20 +100,23 @@ class CachedItems(ItemSource):
 
 
 class IdItems(ItemSource):
-    """A trainable item-ID embedding table (row 0, padding, stays zero)."""
+    """A trainable item-ID embedding table (row 0, padding, stays zero), initialised at std 0.02 and multiplied by
+    `scale`: summed with cached embeddings, the scale brings the IDs to the cached vectors' size while the weights
+    stay small, so AdamW changes them as fast (relative to their size) as in an ID-only model."""
 
     kind = "ID"
 
-    def __init__(self, num_items: int, dim: int) -> None:
+    def __init__(self, num_items: int, dim: int, scale: float = 1.0) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         nn.init.normal_(self.embedding.weight, std=0.02)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
-        self.dim, self.num_items = dim, num_items
+        self.dim, self.num_items, self.scale = dim, num_items, scale
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        return self.embedding(inputs["ids"])
+        out = self.embedding(inputs["ids"])
+        return out * self.scale if self.scale != 1.0 else out
 
 
 class SumItems(ItemSource):
