@@ -142,7 +142,7 @@ def _table(entries: list[Entry], curves: dict[Path, Curve], base: Path) -> list[
         model = e.report["protocol"].get("model", {})
         m = e.report["metrics"]
         link = Path(os.path.relpath(e.path.resolve(), base.resolve())).as_posix()
-        curve = curves.get(e.folder)
+        curve = curves.get(e.folder) if model.get("name") != "popularity" else None  # the run's training
         lines.append("| " + " | ".join([e.run, model.get("name", "?"), str(model.get("items", "—"))]
                                        + [_cell(m, f"recall@{k}") for k in ks] + [_cell(m, f"ndcg@{k}") for k in ks]
                                        + [_minutes(curve.wall_seconds if curve else None), f"[json]({link})"]) + " |")
