@@ -125,7 +125,7 @@ def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarr
         neg_index=torch.from_numpy(row_of[np.searchsorted(unique, local_negs)]),
         negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
         stamps=torch.from_numpy(timestamps) if timestamps is not None else None,
-        in_batch_negatives=in_batch_negatives, full_catalogue=full_catalogue and not in_batch_negatives,
+        in_batch_negatives=in_batch_negatives, full_catalogue=full_catalogue,
         positions=int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()), items=len(unique), tokens=tokens)
 
 

@@ -169,12 +169,26 @@ def _differences(groups: list[list[Entry]]) -> str:
     return ", ".join(f"{k} ({' vs '.join(str(key.get(k)) for key in keys)})" for k in differ)
 
 
-def _plot_metrics(entries: list[Entry], out: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+
+
+def _plot_metrics(entries: list[Entry], out: Path) -> None:
     import numpy as np
+
+    plt = _pyplot()
 
     ks = _ks(entries)
     rows = [(f"{e.run}: {e.report['protocol'].get('model', {}).get('name', '?')}", e.report["metrics"])
@@ -192,29 +206,18 @@ def _plot_metrics(entries: list[Entry], out: Path) -> None:
         ax.set_xlabel("K")
         ax.set_title({"recall": "Recall@K", "ndcg": "NDCG@K"}[metric])
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, out)
 
 
 def _plot_curves(curves: list[Curve], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("recall@10", "ndcg@10"), strict=True):
         for curve in curves:
             ax.plot(curve.epochs, [v.get(metric) for v in curve.valid], marker=".", label=curve.folder.name)
         ax.set_xlabel("epoch")
         ax.set_title(f"validation {metric}")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, out)
 
 
 def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> Path:

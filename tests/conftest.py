@@ -13,6 +13,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stage_two_settings(cached: dict, run: Path, *overrides: str):
+    """A tiny stage-two run on the planted data (make_cached_run) in `run`, a copy of the cached run folder: the
+    settings every stage-two test shares, then `overrides` (later ones win)."""
+    import shutil
+
+    from pipeline import config as cfg
+    from stages.train_user import TrainUserConfig
+
+    if not run.exists():
+        shutil.copytree(cached["run"], run)
+    base = [f"data={cached['data']}", f"run={run}", "user.init=scratch", "train.batch_size=16", "train.max_len=8",
+            "train.num_negatives=16", "train.lr=3e-3", "train.checkpoint_every=1000", "device=cpu"]
+    return cfg.load(TrainUserConfig, None, base + list(overrides))
+
+
+def crash_on_call(real, n: int):
+    """`real`, except that its n-th call raises KeyboardInterrupt (a run killed mid-training)."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def write(path: Path, text: str, encoding: str = "utf-8", newline: str = "\n") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.replace("\n", newline).encode(encoding))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cached_run, run_cli
+from conftest import make_cached_run, run_cli, stage_two_settings
 
 from pipeline import config as cfg
 from pipeline.embeddings.store import load_embeddings
@@ -33,12 +32,8 @@ def cached(tmp_path_factory) -> dict:
 
 
 def settings(cached, run: Path, *extra: str) -> stage_two.TrainUserConfig:
-    if not run.exists():
-        shutil.copytree(cached["run"], run)
-    base = [f"data={cached['data']}", f"run={run}", "user.init=scratch", "train.batch_size=16",
-            "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3", "train.epochs=12", "train.patience=30",
-            "train.eval_users=120", "train.log_every=50", "train.checkpoint_every=1000", "device=cpu"]
-    return cfg.load(stage_two.TrainUserConfig, None, base + list(extra))
+    return stage_two_settings(cached, run, "train.epochs=12", "train.patience=30", "train.eval_users=120",
+                              "train.log_every=50", *extra)
 
 
 def evaluate(cached, run: Path, *extra: str) -> dict:

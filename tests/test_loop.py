@@ -4,13 +4,12 @@ the parser's errors, and new item sources trained through the same loop."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_cached_run, run_cli
+from conftest import crash_on_call, make_cached_run, run_cli, stage_two_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -32,12 +31,7 @@ def cached(tmp_path_factory) -> dict:
 
 
 def settings(cached, run: Path, *extra: str) -> stage_two.TrainUserConfig:
-    if not run.exists():
-        shutil.copytree(cached["run"], run)
-    base = [f"data={cached['data']}", f"run={run}", "user.init=scratch", "user.name=llama-tiny",
-            "train.batch_size=16", "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3",
-            "train.eval_users=40", "train.log_every=1", "train.checkpoint_every=1000", "device=cpu"]
-    return cfg.load(stage_two.TrainUserConfig, None, base + list(extra))
+    return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=40", "train.log_every=1", *extra)
 
 
 def quiet(_):
@@ -111,16 +105,8 @@ def test_fp16_resume_is_exact_on_a_gpu(cached, tmp_path, monkeypatch):
     extra = ("train.mixed_precision=fp16", "train.max_steps=8", "train.checkpoint_every=3", "train.eval_users=0",
              "device=cuda")
     stage_two.run(settings(cached, tmp_path / "a", *extra), log=quiet)
-    calls = {"n": 0}
     real = loop.sample_negatives
-
-    def crash_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "sample_negatives", crash_at_step_5)
+    monkeypatch.setattr(loop, "sample_negatives", crash_on_call(real, 6))
     with pytest.raises(KeyboardInterrupt):
         stage_two.run(settings(cached, tmp_path / "b", *extra), log=quiet)
     assert torch.load(tmp_path / "b" / "stage2" / "state.pt", weights_only=True)["scaler"] is not None

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, make_planted_data, make_tiny_item_model, run_cli
+from conftest import REPO, crash_on_call, make_planted_data, make_tiny_item_model, run_cli
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -198,16 +198,8 @@ def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
     extra = ("train.max_steps=9", "train.checkpoint_every=4", "train.eval_users=0")
     stage.run(settings(planted, tmp_path / "straight", *extra), log=quiet)
 
-    calls = {"n": 0}
     real = loop.make_step_batch
-
-    def crash_at_step_6(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "make_step_batch", crash_at_step_6)
+    monkeypatch.setattr(loop, "make_step_batch", crash_on_call(real, 7))
     with pytest.raises(KeyboardInterrupt):
         stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
     saved = torch.load(tmp_path / "resumed" / "stage1" / "state.pt", weights_only=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cached_run
+from conftest import crash_on_call, make_cached_run, stage_two_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -29,14 +29,8 @@ def cached(tmp_path_factory) -> dict:
 
 
 def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
-    import shutil
-
-    if not run.exists():
-        shutil.copytree(cached["run"], run)
-    base = [f"data={cached['data']}", f"run={run}", "user.init=scratch", "user.name=llama-tiny",
-            "train.batch_size=16", "train.max_len=8", "train.num_negatives=16", "train.lr=3e-3",
-            "train.eval_users=120", "train.log_every=5", "train.checkpoint_every=1000", "device=cpu"]
-    return cfg.load(stage.TrainUserConfig, None, base + list(extra))
+    return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=120", "train.log_every=5",
+                              *extra)
 
 
 def quiet(_):
@@ -66,16 +60,8 @@ def _fresh(conf: stage.TrainUserConfig) -> SequenceModel:
 def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
     extra = ("train.max_steps=12", "train.checkpoint_every=4", "train.eval_users=0", "train.log_every=1")
     stage.run(settings(cached, tmp_path / "a", *extra), log=quiet)
-    calls = {"n": 0}
     real = loop.sample_negatives
-
-    def crash_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "sample_negatives", crash_at_step_7)
+    monkeypatch.setattr(loop, "sample_negatives", crash_on_call(real, 8))
     with pytest.raises(KeyboardInterrupt):
         stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
     monkeypatch.setattr(loop, "sample_negatives", real)
