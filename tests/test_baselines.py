@@ -18,8 +18,9 @@ from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import build
 from pipeline.models.hstu import HSTUConfig, HSTUModel, lookup
+from pipeline.models.item_sources import IdItems
 from pipeline.models.llm import UserLLM
-from pipeline.models.loss import nce_loss, softmax_loss
+from pipeline.models.loss import nce_loss, projected_softmax_loss, softmax_loss
 from pipeline.search import Masked, TorchSearch, masked_topk
 from stages import train_user as stage_two
 
@@ -165,6 +166,40 @@ def test_sampled_and_full_softmax_losses_agree_with_a_reference():
     slow = nce_loss(user_out, table[target_ids], target_ids, table[every], every, torch.tensor(scale).log())
     assert torch.equal(fast.top1_correct, slow.top1_correct)
     assert torch.equal(fast.surviving_negatives, slow.surviving_negatives)
+
+
+def test_projected_softmax_scores_in_the_narrow_width_with_the_same_loss_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    catalogue = torch.randn(9, 12, generator=g)  # 9 items of size 12, scored from a width-4 User LLM
+    projection = torch.nn.Linear(4, 12)
+    target_ids = torch.tensor([1, 4, 9, 4, 2])
+    scale = torch.tensor(20.0).log()
+
+    def loss_and_grads(fast: bool):
+        hidden = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        projection.zero_grad()
+        out = projected_softmax_loss(hidden, projection, target_ids, catalogue, scale) if fast else \
+            softmax_loss(projection(hidden), target_ids, catalogue, scale)
+        out.loss_per_position.sum().backward()
+        return out, hidden.grad, projection.weight.grad.clone(), projection.bias.grad.clone()
+
+    fast, slow = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(fast[0].loss_per_position, slow[0].loss_per_position)
+    assert torch.equal(fast[0].top1_correct, slow[0].top1_correct)
+    for got, want in zip(fast[1:], slow[1:], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_projecting_rows_before_the_gather_gives_the_same_inputs():
+    user = build.UserModelConfig(name="llama-tiny", init="scratch", projection=True, scale_inputs=True)
+    torch.manual_seed(0)
+    model = build.sequence_model(IdItems(6, 12), build.user_llm_from(user, log=lambda _: None), user)
+    rows = torch.randn(7, 12)
+    few = torch.tensor([[0, 2, 5, 5], [1, 6, 3, 2]])  # 8 positions > 7 rows: projects the rows first
+    many = torch.tensor([[4, 1]])  # 2 positions: gathers first
+    for index in (few, many):
+        want = model.project_in(rows[index]) * model.input_scale
+        torch.testing.assert_close(model.inputs(rows, index, index, None), want)
 
 
 def test_items_outside_the_candidate_set_are_never_ranked():

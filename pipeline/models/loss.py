@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -67,7 +68,28 @@ def softmax_loss(user_out: torch.Tensor, target_ids: torch.Tensor, catalogue: to
 def _softmax_loss(user_out, target_ids, catalogue, logit_scale) -> NCEOutput:
     u = F.normalize(user_out.float(), dim=-1)  # (P, D)
     c = F.normalize(catalogue.float(), dim=-1)  # (N, D)
-    logits = (u @ c.T) * logit_scale.float().exp()  # (P, N)
+    return _catalogue_cross_entropy((u @ c.T) * logit_scale.float().exp(), target_ids)
+
+
+def _catalogue_cross_entropy(logits: torch.Tensor, target_ids: torch.Tensor) -> NCEOutput:
+    """logits (P, N) over items 1..N, target_ids (P,) -> the loss terms (every other item a negative)."""
     loss = F.cross_entropy(logits, target_ids - 1, reduction="none")  # (P,)
-    kept = torch.full_like(target_ids, catalogue.shape[0] - 1)
+    kept = torch.full_like(target_ids, logits.shape[1] - 1)
     return NCEOutput(loss, kept, logits.argmax(1) == target_ids - 1)
+
+
+def projected_softmax_loss(hidden: torch.Tensor, projection: nn.Linear, target_ids: torch.Tensor,
+                           catalogue: torch.Tensor, logit_scale: torch.Tensor) -> NCEOutput:
+    """softmax_loss(projection(hidden), target_ids, catalogue, logit_scale) for hidden (P, D) in a User LLM's
+    width D below the item size D_item, scored in D: with W, b the projection and c the normalised catalogue,
+    cos(W h + b, c) = (h . W^T c + b . c) / |W h + b|, so the (P, N) scores cost P*N*D multiply-adds instead of
+    P*N*D_item (8x fewer for 384-d items and a 50-wide SASRec)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.float()
+        norms = projection(h).norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (P, 1), as F.normalize does
+        c = F.normalize(catalogue.float(), dim=-1)  # (N, D_item)
+        bias = projection.bias.float() if projection.bias is not None else torch.zeros_like(c[0])
+        keys = torch.cat([c @ projection.weight.float(), (c @ bias)[:, None]], dim=1)  # (N, D + 1)
+        # the bias term, the norm and the scale ride in the matmul: no pass over the (P, N) scores besides it
+        queries = torch.cat([h, torch.ones_like(h[:, :1])], dim=1) * (logit_scale.float().exp() / norms)  # (P, D+1)
+        return _catalogue_cross_entropy(queries @ keys.T, target_ids)  # (P, N) scores

@@ -23,7 +23,8 @@ from torch import nn
 
 from pipeline.models.item_sources import ItemSource
 from pipeline.models.llm import UserLLM
-from pipeline.models.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss, softmax_loss
+from pipeline.models.loss import (LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss, projected_softmax_loss,
+                                  softmax_loss)
 
 if TYPE_CHECKING:
     from pipeline.batches import StepBatch
@@ -94,9 +95,16 @@ class SequenceModel(nn.Module):
         init = LOGIT_SCALE_INIT if temperature is None else math.log(1 / temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=temperature is None)
 
-    def inputs(self, item_embs: torch.Tensor, ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
-        """User LLM inputs (B, L, D): item embedding (projected, scaled) + time embedding + item-ID embedding."""
-        x = self.project_in(item_embs) if self.project_in is not None else item_embs
+    def inputs(self, rows: torch.Tensor, index: torch.Tensor, ids: torch.Tensor, times: torch.Tensor | None
+               ) -> torch.Tensor:
+        """User LLM inputs (B, L, D): item embedding (rows (R, D_item) at index (B, L), projected, scaled) + time
+        embedding + item-ID embedding."""
+        if self.project_in is None:
+            x = gather_rows(rows, index)
+        elif rows.shape[0] < index.numel():  # fewer rows than positions: project each row once, then gather
+            x = gather_rows(self.project_in(rows), index)
+        else:
+            x = self.project_in(gather_rows(rows, index))
         x = x * self.input_scale if self.input_scale != 1.0 else x
         if self.time is not None and times is not None:
             x = x + self.time(times)
@@ -109,20 +117,24 @@ class SequenceModel(nn.Module):
         gradients) under DDP, for sources whose negatives are embedded in shares."""
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-        rows = self.items(batch.item_inputs)  # (U, D) the step's distinct items
-        seq = gather_rows(rows, batch.seq_index)  # (B, L+1, D)
+        rows = self.items(batch.item_inputs)  # (U, D_item) the step's distinct items
         seq_ids = batch.seq_ids  # (B, L+1) item_idx, left-padded with 0
         input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
         mask = input_ids > 0  # (B, L)
         times = batch.times[:, :-1] if batch.times is not None else None  # (B, L, 6)
         stamps = batch.stamps[:, :-1] if batch.stamps is not None else None  # (B, L)
-        hidden = self.user_llm(self.inputs(seq[:, :-1], input_ids, times), mask.long(), stamps)  # (B, L, D)
-        out = self.outputs(hidden)  # (B, L, D_item)
+        inputs = self.inputs(rows, batch.seq_index[:, :-1], input_ids, times)  # (B, L, D)
+        hidden = self.user_llm(inputs, mask.long(), stamps)  # (B, L, D)
         valid = mask & (target_ids > 0)  # (B, L)
-        targets, valid_target_ids = seq[:, 1:][valid], target_ids[valid]  # (P, D), (P,)
-        negatives = gather_rows(rows, batch.neg_index)  # (k, D) this process's negatives
+        valid_target_ids = target_ids[valid]  # (P,)
+        negatives = gather_rows(rows, batch.neg_index)  # (k, D_item) this process's negatives
         if batch.full_catalogue:  # negatives = items 1..N in order: plain cross-entropy, the fast way
-            return softmax_loss(out[valid], valid_target_ids, negatives, self.logit_scale)
+            if self.project_out is not None:
+                return projected_softmax_loss(hidden[valid], self.project_out, valid_target_ids, negatives,
+                                              self.logit_scale)
+            return softmax_loss(hidden[valid], valid_target_ids, negatives, self.logit_scale)
+        out = self.outputs(hidden)  # (B, L, D_item)
+        targets = gather_rows(rows, batch.seq_index[:, 1:][valid])  # (P, D_item)
         if gather is not None and self.items.shard_negatives:
             negatives = gather(negatives)  # (K, D)
         negative_ids = batch.negative_ids  # (K,)
@@ -139,7 +151,7 @@ class SequenceModel(nn.Module):
         (U, L, 6) and unix seconds (U, L), for the models that read them), looking items up in `table` (N+1, D) =
         items.table()."""
         mask = (histories > 0).long()  # (U, L)
-        out = self.user_llm(self.inputs(table[histories], histories, times), mask, stamps)  # (U, L, D)
+        out = self.user_llm(self.inputs(table, histories, histories, times), mask, stamps)  # (U, L, D)
         return self.outputs(out[:, -1])  # the last position is always a real item (left padding)
 
     @property
