@@ -29,7 +29,7 @@ from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.errors import ConfigError, UserError
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.runtime import device_of, distributed_state
-from pipeline.tracking import EarlyStopping, MetricsLog, StepWindow
+from pipeline.tracking import EarlyStopping, MetricsLog, StepWindow, cut_log_after
 from pipeline.validation import validate
 
 
@@ -221,6 +221,8 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         progress = saved["state"]
+        if accelerator.is_main_process:
+            cut_log_after(run_dir / "metrics.jsonl", progress["step"])
         say(f"resuming from {checkpoint.path}: epoch {progress['epoch']}, step {progress['step']}")
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if saved is not None and saved["scaler"] is not None and accelerator.scaler is not None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.io import write_text_atomic
+
 
 class MetricsLog:
     """Every log line as JSON in `metrics.jsonl`, and the same numbers to accelerate's trackers (TensorBoard:
@@ -34,6 +36,21 @@ class MetricsLog:
     def close(self) -> None:
         for tracker in self.accelerator.trackers:  # not end_training(): that also ends the process group
             tracker.finish()
+
+
+def cut_log_after(path: Path, step: int) -> None:
+    """Cut a run's metrics.jsonl back to a resumed state at `step`: the interrupted part (later steps, and a line
+    torn by a kill) is about to be trained and logged again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    write_text_atomic(path, "".join(kept))
 
 
 class StepWindow:

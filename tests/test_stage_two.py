@@ -67,13 +67,13 @@ def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "sample_negatives", real)
     stage.run(settings(cached, tmp_path / "b", *extra), log=quiet)
 
-    def losses(run: Path) -> dict[int, float]:
+    def losses(run: Path) -> list[tuple[int, float]]:
         lines = [json.loads(line) for line in open(run / "stage2" / "metrics.jsonl") if '"loss"' in line]
-        return {line["step"]: line["loss"] for line in lines}
+        return [(line["step"], line["loss"]) for line in lines]
 
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert sorted(a) == list(range(1, 13)) and sorted(b) == list(range(1, 13))  # steps 5-7 logged twice in b
-    assert a == b
+    assert [step for step, _ in a] == list(range(1, 13))
+    assert a == b  # the steps after the last state (5-7), logged before the crash, are not in the log twice
     wa, wb = load_file(tmp_path / "a" / "user_llm" / "model.safetensors"), load_file(
         tmp_path / "b" / "user_llm" / "model.safetensors")
     for key in wa:
@@ -201,3 +201,15 @@ def test_tensorboard_without_the_package_is_a_clear_config_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(UserError, match="pip install tensorboard"):
         LoopConfig(tensorboard=True)
+
+
+def test_a_resumed_log_is_cut_back_to_the_state_including_a_torn_last_line(tmp_path):
+    from pipeline.tracking import cut_log_after
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"epoch": 0, "step": 2, "valid": {}}\n{"step": 3, "loss": 1.5}\n'
+                   '{"step": 4, "lo')
+    cut_log_after(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    cut_log_after(tmp_path / "missing.jsonl", 2)  # nothing to cut
+    assert not (tmp_path / "missing.jsonl").exists()
