@@ -11,6 +11,8 @@ DATASET ?= ml-100k
 RUN ?= artifacts/$(DATASET)
 CONFIG ?=
 EVAL_ARGS ?=
+CATALOG ?= artifacts/raw/$(DATASET)
+REFRESH_ARGS ?=
 
 .PHONY: install test demo data embed-items train-user eval refresh bench lint clean
 
@@ -61,8 +63,10 @@ train-user: $(STAMP)
 eval: $(STAMP)
 	$(CLI) eval --run $(RUN) --k 10 50 200 $(EVAL_ARGS)
 
+# Refresh the item embeddings of $(RUN) from the catalogue as it is now (only new and changed items are embedded):
+#   make refresh CATALOG=path/to/items.csv      (default: the raw dataset folder the run was prepared from)
 refresh: $(STAMP)
-	@echo "refresh: batch refresh jobs are not built yet." >&2; exit 3
+	$(CLI) refresh items --catalog $(CATALOG) --run $(RUN) $(REFRESH_ARGS)
 
 # Benchmarks write JSON under bench/results/ (the embedding benchmark needs ML-1M: make data DATASET=ml-1m);
 # `hllm-pipeline bench train` and the GPU ones (embed-mfu) run on their own.

@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from stages import embed_items as stage_one
 from stages import evaluate as stage_eval
 from stages import prepare as stage_prepare
+from stages import refresh as stage_refresh
 from stages import train_user as stage_two
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -70,6 +71,22 @@ def models_list() -> None:
     from pipeline.models.presets import describe_presets
 
     typer.echo(describe_presets())
+
+
+refresh_app = typer.Typer(no_args_is_help=True, help="Batch refresh jobs: re-embed new and changed items, roll "
+                          "back.")
+app.add_typer(refresh_app, name="refresh")
+
+
+@refresh_app.command("rollback")
+def refresh_rollback(
+    version: Annotated[str | None, typer.Argument(help="Version to make current [default: the current one's "
+                                                       "parent].")] = None,
+    run: Annotated[Path, typer.Option(help="Run folder holding embeddings/.")] = Path("artifacts/ml-100k"),
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a running refresh job.")] = 0,
+) -> None:
+    """Point the run's embeddings/CURRENT back at an earlier version (nothing is deleted)."""
+    stage_refresh.rollback(run, version, wait, log=_log)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
@@ -198,6 +215,10 @@ STAGES = {
     "train-user": StageCommand("train-user", stage_two.TrainUserConfig, lambda conf: stage_two.run(conf, log=_log),
                                "Stage two: train only the User LLM on the cached item embeddings, with long "
                                "sequences."),
+    "items": StageCommand("items", stage_refresh.RefreshItemsConfig,
+                          lambda conf: stage_refresh.run_items(conf, log=_log),
+                          "Refresh the item embeddings: embed new and changed items, carry the rest over, drop "
+                          "retired ones, publish a new version atomically.", ("catalog", "run", "keep", "wait")),
     "eval": StageCommand("eval", stage_eval.EvalConfig, _run_eval,
                          "Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and "
                          "NDCG@K.", ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks")),
@@ -242,6 +263,7 @@ def command_line() -> click.Group:
     """The whole command: typer's commands plus the generated stage commands."""
     group = typer.main.get_command(app)
     group.commands["data"].add_command(stage_command(STAGES["prepare"]))  # type: ignore[attr-defined]
+    group.commands["refresh"].add_command(stage_command(STAGES["items"]))  # type: ignore[attr-defined]
     for name in ("embed-items", "train-user", "eval"):
         group.add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
     return group

@@ -28,9 +28,10 @@ from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.encode import Throughput, embed_items
-from pipeline.embeddings.store import ShardWriter
+from pipeline.embeddings.store import ShardWriter, publish
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import fingerprint, folder_sha256, sha256_file, write_text_atomic
+from pipeline.io import fingerprint, folder_sha256, sha256_file
+from pipeline.lock import JobLock
 from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
@@ -132,7 +133,8 @@ class EmbedItemsConfig:
 
 def _load_data(data: Path) -> tuple[UserSequences, pl.DataFrame]:
     seqs = UserSequences.load(data)
-    items = pl.read_parquet(data / "items.parquet", columns=["item_idx", "text", "text_sha256"]).sort("item_idx")
+    items = pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id", "text", "text_sha256"])
+    items = items.sort("item_idx")
     if items["item_idx"].to_list() != list(range(1, items.height + 1)):
         raise UserError(f"{data / 'items.parquet'}: item_idx must run 1..N; re-run `data prepare`")
     return seqs, items
@@ -171,10 +173,19 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
                    "dtype": e.dtype}
     version = e.version or f"v-{fingerprint(identity)[:12]}"
     root = config.out / "embeddings" / version
-    if (root / "manifest.json").is_file():
-        log(f"embeddings {version} already complete in {root}")
-        write_text_atomic(config.out / "embeddings" / "CURRENT", version + "\n")
-        return root
+    with JobLock(config.out / "embeddings", wait=0, log=log):  # no refresh job may meet this one
+        if (root / "manifest.json").is_file():
+            log(f"embeddings {version} already complete in {root}")
+        else:
+            _write_catalogue(config, item_llm, catalogue, items, root, identity, log)
+        publish(config.out / "embeddings", version)
+    return root
+
+
+def _write_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
+                     root: Path, identity: dict, log) -> None:
+    e, m = config.embed, config.item
+    version = root.name
     writer = ShardWriter(root, e.format, e.dtype, identity)
     device = next(item_llm.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -203,12 +214,10 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
             pending.result()
     bar.close()
     rates = meter.rates()
-    manifest = writer.finish(items, item_llm.dim, {"version": version, "max_item_idx": n, "item_llm":
-                                                   str(config.out / "item_llm"), "throughput": rates})
-    write_text_atomic(config.out / "embeddings" / "CURRENT", version + "\n")
+    manifest = writer.finish(items, item_llm.dim, {"version": version, "parent": None, "max_item_idx": n,
+                                                   "item_llm": str(config.out / "item_llm"), "throughput": rates})
     log(f"embeddings {version}: {manifest['rows']:,} items x {manifest['dim']} ({e.dtype}, {e.format}) in {root}; "
         f"{rates['items_per_s']:.0f} items/s, {rates['tokens_per_s']:.0f} tokens/s")
-    return root
 
 
 def run(config: EmbedItemsConfig, log=print) -> Path:

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.batches import user_vectors
 from pipeline.data.sequences import UserSequences, eval_examples
-from pipeline.embeddings.store import load_embeddings, version_root
+from pipeline.embeddings.store import load_embeddings, read_manifest, version_root
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
 from pipeline.metrics import MISS, metrics_from_ranks
@@ -220,23 +220,37 @@ def run(config: EvalConfig, log=print) -> dict:
     if len(examples) == 0:
         need = 2 if config.split == "test" else 3
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
+    # the catalogue ranked: the data's items, or the embeddings version's (a refresh adds items and retires some)
+    root, cached, n_items, absent = None, None, seqs.num_items, np.zeros(0, dtype=np.int64)
+    path = _user_llm_dir(config) if config.model != "popularity" else None
+    if path is not None and "cached" in build.saved_item_source(path):
+        root = version_root(config.run, config.embeddings)
+        loaded = load_embeddings(root)
+        cached, n_items = loaded.embeddings, loaded.embeddings.shape[0] - 1
+        if n_items < seqs.num_items:
+            raise UserError(f"{root}: holds {n_items} items but {data} has {seqs.num_items}; evaluate with the "
+                            "data these embeddings were made from")
+        absent = np.flatnonzero(~loaded.present[1:].numpy()) + 1  # retired by a refresh: never recommended
     masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
                                    config.window)
-    never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=seqs.num_items + 1)[1:] == 0) + 1
-    if config.candidates == "interacted":
-        masked = masked.plus(never_seen)
-    n_candidates = seqs.num_items - (len(never_seen) if config.candidates == "interacted" else 0)
-    train_counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
+    never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=n_items + 1)[1:] == 0) + 1
+    excluded = np.union1d(absent, never_seen) if config.candidates == "interacted" else absent
+    if len(excluded):
+        masked = masked.plus(excluded)
+    n_candidates = n_items - len(excluded)
+    train_counts = np.bincount(seqs.prefix(2).items, minlength=n_items + 1)
     k_max = max(config.k)
     stats_path = data / "stats.json"
     dataset = json.loads(stats_path.read_text()).get("dataset", data.name) if stats_path.is_file() else data.name
-    protocol = {"dataset": dataset, "data": str(data), "items": seqs.num_items, "split": config.split,
+    protocol = {"dataset": dataset, "data": str(data), "items": n_items, "split": config.split,
                 "mask_history": config.mask_history, **({"window": config.window} if config.mask_history == "window"
                                                        else {}),
                 "candidates": config.candidates, "candidate_items": n_candidates,
                 "k": list(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
-    if max(config.k) > seqs.num_items:
-        protocol["note"] = f"K above the catalogue size ({seqs.num_items}): every item fits in the top K"
+    if len(absent):
+        protocol["retired_items"] = len(absent)
+    if max(config.k) > n_items:
+        protocol["note"] = f"K above the catalogue size ({n_items}): every item fits in the top K"
     popularity = PopularitySearch(train_counts)
     floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), masked, k_max,
                                             config.batch_size)[1], examples.targets)
@@ -247,17 +261,9 @@ def run(config: EvalConfig, log=print) -> dict:
         protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
     else:
         device = device_of(config.device)
-        path = _user_llm_dir(config)
-        root, cached = None, None
-        if "cached" in build.saved_item_source(path):
-            root = version_root(config.run, config.embeddings)
-            cached = load_embeddings(root).embeddings
-            if cached.shape[0] != seqs.num_items + 1:
-                raise UserError(f"{root}: holds {cached.shape[0] - 1} items but {data} has {seqs.num_items}; "
-                                "evaluate with the data these embeddings were made from")
         model, meta = build.load_user_model(path, cached)
-        if model.items.num_items != seqs.num_items:
-            raise UserError(f"{path}: trained on {model.items.num_items} items but {data} has {seqs.num_items}; "
+        if model.items.num_items != n_items:
+            raise UserError(f"{path}: trained on {model.items.num_items} items but {data} has {n_items}; "
                             "evaluate with the data it was trained on")
         model.to(device)
         table = model.items.table()  # (N+1, D) every item as the model embeds it (cached, IDs, adapter, sums)
@@ -293,7 +299,7 @@ def run(config: EvalConfig, log=print) -> dict:
                              "user_llm": str(path), "items": build.saved_item_source(path),
                              "fingerprint": folder_sha256(path)[:16],
                              "max_len": max_len, "embeddings_version": root.name if root else None,
-                             "embeddings_model": json.loads((root / "manifest.json").read_text()).get(
+                             "embeddings_model": read_manifest(root).get(
                                  "model_fingerprint", "")[:16] if root else None}
         protocol["index"] = index_card
         if index_card["type"] == "approximate":

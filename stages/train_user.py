@@ -9,7 +9,6 @@ of items) and negatives cost a table lookup. Writes into `run` (stage one's fold
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -19,7 +18,7 @@ import torch
 from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences
-from pipeline.embeddings.store import load_embeddings, version_root
+from pipeline.embeddings.store import load_embeddings, read_manifest, version_root
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from pipeline.loop import LoopConfig
@@ -97,7 +96,7 @@ def run(config: TrainUserConfig, log=print) -> Path:
     if state.is_main_process:
         cfg.save(config, run_dir / "config.yaml")
     identity = {"model": {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items},
-                "embeddings": json.loads((root / "manifest.json").read_text())["shards"] if root else None,
+                "embeddings": read_manifest(root)["shards"] if root else None,
                 "interactions": sha256_file(config.data / "interactions.parquet")}
     meta = {"source": "stage two", "model": "hllm" if root else config.user.name,
             "embeddings": str(root) if root else None, "init": config.user.init,

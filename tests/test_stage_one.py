@@ -324,7 +324,7 @@ def test_embeddings_cover_the_catalogue_once_without_nan(planted, tmp_path):
     assert torch.isfinite(table.embeddings).all() and table.embeddings[0].abs().sum() == 0
     assert (tmp_path / "e" / "embeddings" / "CURRENT").read_text().strip() == root.name
     indexed = pl.read_parquet(root / "items.parquet")
-    expected = pl.read_parquet(planted["data"] / "items.parquet").select("item_idx", "text_sha256")
+    expected = pl.read_parquet(planted["data"] / "items.parquet").select("item_idx", "item_id", "text_sha256")
     assert indexed.sort("item_idx").equals(expected.sort("item_idx"))
 
 
@@ -350,7 +350,7 @@ def test_embedding_job_resumes_with_identical_shards(planted, tmp_path, monkeypa
     monkeypatch.setattr(store.ShardWriter, "write", die_after_three)
     with pytest.raises(KeyboardInterrupt):
         stage.run(settings(planted, tmp_path / "b", "finetune=false"), log=quiet)
-    partial = next((tmp_path / "b" / "embeddings").iterdir())
+    partial = next(p for p in (tmp_path / "b" / "embeddings").iterdir() if p.is_dir())
     assert not (partial / "manifest.json").exists()  # not visible before it is complete
     assert sorted(p.name for p in partial.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
     monkeypatch.setattr(store.ShardWriter, "write", real_write)
@@ -367,7 +367,7 @@ def test_duplicate_item_in_two_shards_is_refused(tmp_path):
     writer = store.ShardWriter(tmp_path / "v", "safetensors", "float32", {"model_fingerprint": "x"})
     writer.write(0, np.array([1, 2]), torch.ones(2, 4))
     writer.write(1, np.array([2, 3]), torch.ones(2, 4))
-    items = pl.DataFrame({"item_idx": [1, 2, 3], "text_sha256": ["a", "b", "c"]})
+    items = pl.DataFrame({"item_idx": [1, 2, 3], "item_id": ["x", "y", "z"], "text_sha256": ["a", "b", "c"]})
     writer.finish(items, 4, {"max_item_idx": 3})
     with pytest.raises(UserError, match="already in another shard"):
         store.load_embeddings(tmp_path / "v")

@@ -2,12 +2,15 @@
 
     shard-00000.safetensors   tensors item_idx int64 [n] and embedding [n, d] (or .parquet: the same columns,
                               embedding as a fixed-size list)
-    items.parquet             item_idx -> text_sha256 of every embedded item
-    manifest.json             model fingerprint, dim, dtype, rows, per-shard sha256; written last, atomically
+    items.parquet             item_idx, item_id, text_sha256 of every embedded item
+    manifest.json             model fingerprint, dim, dtype, rows, per-shard sha256, parent version (a refresh's
+                              starting point); written last, atomically
 
-A version is visible only once manifest.json exists. While a job runs, each finished shard is renamed into
-place and listed in progress.json, so a rerun after a kill continues from the last complete shard.
-Readers memory-map shards and refuse one whose sha256 differs from the manifest.
+A version is visible only once manifest.json exists; `embeddings/CURRENT` names the one in use and is switched
+(atomically) only after a manifest is durable. While a job runs, each finished shard is renamed into place and
+listed in progress.json, so a rerun after a kill continues from the last complete shard. Readers memory-map
+shards and refuse one whose sha256 differs from the manifest. item_idx values are stable across the versions of
+a run: a refresh gives new items new values and leaves a retired item's value unused.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, sha256_file, write_json_atomic
+from pipeline.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -82,9 +85,10 @@ class ShardWriter:
         write_json_atomic(self.root / PROGRESS, {"fingerprint": self.fingerprint, "shards": self.done})
 
     def finish(self, items: pl.DataFrame, dim: int, extra: dict) -> dict:
-        """Write items.parquet and, last, the manifest: from now on the version is visible."""
+        """Write items.parquet (item_idx, item_id, text_sha256 of the embedded items) and, last, the manifest:
+        from now on the version is visible."""
         with atomic_path(self.root / "items.parquet") as tmp:
-            items.select("item_idx", "text_sha256").write_parquet(tmp)
+            items.select("item_idx", "item_id", "text_sha256").sort("item_idx").write_parquet(tmp)
         shards = [{"file": name, **info} for name, info in sorted(self.done.items())]
         manifest = {
             **self.fingerprint,
@@ -107,7 +111,9 @@ class EmbeddingTable:
     """All item embeddings of one version, as row item_idx of `embeddings` (row 0 = padding, zeros)."""
 
     embeddings: torch.Tensor
-    """(N+1, d)."""
+    """(N+1, d), N = the highest item_idx of the run so far; rows of retired items are zeros."""
+    present: torch.Tensor
+    """(N+1,) bool: the rows this version holds (False for padding and for retired items)."""
     manifest: dict
     root: Path
 
@@ -123,12 +129,31 @@ def _read_shard(path: Path, fmt: str) -> tuple[np.ndarray, torch.Tensor]:
     return table.column("item_idx").to_numpy(), emb
 
 
+MANIFEST_KEYS = ("dim", "dtype", "format", "rows", "shards", "items_sha256")
+
+
+def read_manifest(root: Path) -> dict:
+    """A finished version's manifest, checked enough that a damaged one is an error naming it, not a traceback."""
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root}: no such embeddings version")
+    if not path.is_file():
+        raise UserError(f"{path}: missing: the job that writes this version did not finish (rerun it to resume)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: damaged, not readable JSON ({type(e).__name__}); roll back to another version "
+                        "(`hllm-pipeline refresh rollback`) or rerun the job that wrote it") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{path}: damaged, lacks {', '.join(missing)}; roll back to another version "
+                        "(`hllm-pipeline refresh rollback`) or rerun the job that wrote it")
+    return manifest
+
+
 def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
     """Read a finished version; every shard's sha256 is checked against the manifest."""
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{root}: no {MANIFEST}: the embedding job did not finish (rerun it to resume)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(root)
     rows = int(manifest["rows"])
     max_idx = int(manifest.get("max_item_idx", rows))
     table = torch.zeros(max_idx + 1, int(manifest["dim"]), dtype=DTYPES[manifest["dtype"]])
@@ -152,15 +177,51 @@ def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
         raise UserError(f"{root}: manifest says {rows} rows, shards hold {seen}")
     if verify and sha256_file(root / "items.parquet") != manifest["items_sha256"]:
         raise UserError(f"{root / 'items.parquet'}: checksum does not match the manifest")
-    return EmbeddingTable(table, manifest, root)
+    filled[0] = False
+    return EmbeddingTable(table, filled, manifest, root)
+
+
+def finished_versions(base: Path) -> list[str]:
+    """The versions under run/embeddings whose manifest exists, oldest first (by the manifest's mtime)."""
+    if not base.is_dir():
+        return []
+    done = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
+    return [p.name for p in sorted(done, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))]
+
+
+def current_version(base: Path) -> str:
+    """The version run/embeddings/CURRENT names, checked to exist and be finished."""
+    current = base / "CURRENT"
+    if not current.is_file():
+        raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
+    try:
+        version = current.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        version = ""
+    if not version or "/" in version or version.startswith("."):
+        raise UserError(f"{current}: damaged (expected one version name); point it at a finished version with "
+                        "`hllm-pipeline refresh rollback VERSION`")
+    if not (base / version / MANIFEST).is_file():
+        state = "did not finish" if (base / version).is_dir() else "does not exist"
+        available = ", ".join(finished_versions(base)) or "none"
+        raise UserError(f"{current}: names {version}, which {state} (finished versions: {available}); point it "
+                        "at one with `hllm-pipeline refresh rollback VERSION`")
+    return version
 
 
 def version_root(run: Path, version: str | None = None) -> Path:
-    """run/embeddings/<version>; version None takes the one named in run/embeddings/CURRENT."""
+    """run/embeddings/<version> of a finished version; version None takes the one run/embeddings/CURRENT names."""
     base = Path(run) / "embeddings"
     if version is None:
-        current = base / "CURRENT"
-        if not current.is_file():
-            raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
-        version = current.read_text().strip()
+        return base / current_version(base)
+    if not (base / version / MANIFEST).is_file():
+        state = "did not finish" if (base / version).is_dir() else "does not exist"
+        available = ", ".join(finished_versions(base)) or "none"
+        raise UserError(f"{base / version}: embeddings version {version} {state} (finished versions: {available})")
     return base / version
+
+
+def publish(base: Path, version: str) -> None:
+    """Point run/embeddings/CURRENT at a finished version (atomically: readers see the old name or the new)."""
+    read_manifest(base / version)
+    write_text_atomic(base / "CURRENT", version + "\n")

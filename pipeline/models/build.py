@@ -314,6 +314,13 @@ def load_user_head(model: SequenceModel, path: Path) -> None:
     own = model.state_dict()
     if not model.logit_scale.requires_grad:  # a fixed temperature (user.temperature) stays as set
         head.pop("logit_scale", None)
+    for key, saved in head.items():
+        # a catalogue grown by `refresh items` since training: the item-ID rows learned, zeros for the new items
+        if key in own and saved.dim() == 2 and own[key].shape[1:] == saved.shape[1:] and \
+                own[key].shape[0] > saved.shape[0]:
+            grown = torch.zeros_like(own[key])
+            grown[:saved.shape[0]] = saved
+            head[key] = grown
     model.load_state_dict({k: v for k, v in head.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 

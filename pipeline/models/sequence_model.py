@@ -23,8 +23,14 @@ from torch import nn
 
 from pipeline.models.item_sources import ItemSource
 from pipeline.models.llm import UserLLM
-from pipeline.models.loss import (LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, NCEOutput, nce_loss, projected_softmax_loss,
-                                  softmax_loss)
+from pipeline.models.loss import (
+    LOGIT_SCALE_INIT,
+    LOGIT_SCALE_MAX,
+    NCEOutput,
+    nce_loss,
+    projected_softmax_loss,
+    softmax_loss,
+)
 
 if TYPE_CHECKING:
     from pipeline.batches import StepBatch

@@ -1,0 +1,350 @@
+"""Batch refresh of the item embeddings (`refresh items`, `refresh rollback`): made to run from cron, unattended.
+
+`refresh items` compares the catalogue as it is now with the run's current embeddings version: items whose text
+(text_sha256) and Item LLM are unchanged are carried over bit-identical, new and edited items are embedded with
+the run's Item LLM (item_llm/), retired items are dropped. The result is a new version, embeddings/<version>/,
+whose manifest records its parent; embeddings/CURRENT switches to it only once it is complete and durable, so a
+reader sees the old version or the new one, never a part. Existing items keep their item_idx (trained User LLMs
+and ID tables stay valid); new items get values above every one used so far.
+
+A second run with the same catalogue finds nothing to do. A run killed at any point leaves CURRENT on the old
+version; the rerun continues the new version from its last complete shard and ends as an uninterrupted run
+would. One job at a time holds embeddings/.lock (pipeline.lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.embeddings import store
+from pipeline.embeddings.encode import Throughput, embed_items
+from pipeline.errors import ConfigError, UserError
+from pipeline.io import fingerprint, folder_sha256
+from pipeline.lock import JobLock
+from pipeline.models import build
+from pipeline.models.tokens import TokenizedCatalogue
+from pipeline.runtime import device_of
+
+
+@dataclass(frozen=True)
+class RefreshItemsConfig:
+    catalog: Path
+    """The catalogue as it is now: what `data prepare` read the items from (a MovieLens folder, the items CSV,
+    the Amazon folder), or a Parquet/CSV file with an item_id column and the text fields."""
+    run: Path
+    """Run folder with item_llm/ and embeddings/ (from `embed-items`), e.g. artifacts/ml-100k."""
+    data: Path | None = None
+    """Canonical tables the run was made from (they say how an item's text is built); null: the folder stage
+    one recorded in item_llm/config.yaml, else run/data."""
+    keep: int | None = None
+    """After publishing, delete all but this many finished versions (the current one is always kept); null
+    keeps every version, so that any can be rolled back to."""
+    wait: float = 0
+    """Seconds to wait for another refresh of this run to finish before giving up (0: give up at once)."""
+    token_budget: int = 32768
+    """Item tokens per Item LLM forward batch (batch rows x longest text)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError(f"keep={self.keep}: must be >= 1 (the current version), or null to keep all")
+        if self.wait < 0:
+            raise ConfigError(f"wait={self.wait}: must be >= 0 seconds")
+        if self.token_budget < 1:
+            raise ConfigError(f"token_budget={self.token_budget}: must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The catalogue as it is now
+
+
+@dataclass(frozen=True)
+class TextRecipe:
+    """How `data prepare` built the item texts of a run: the same recipe must build the refreshed ones."""
+
+    format: str
+    text_keys: tuple[str, ...]
+    item_prompt: str
+    encoding: str | None
+
+
+def data_folder(run: Path, data: Path | None) -> Path:
+    """The canonical tables of a run: as given, or as stage one recorded them."""
+    if data is not None:
+        return data
+    import yaml
+
+    try:
+        recorded = (yaml.safe_load((run / "item_llm" / "config.yaml").read_text()) or {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return Path(recorded) if recorded else run / "data"
+
+
+def text_recipe(data: Path) -> TextRecipe:
+    stats_path, config_path = data / "stats.json", data / "config.yaml"
+    try:
+        stats = json.loads(stats_path.read_text())
+        rules = stats["rules"]
+        import yaml
+
+        prepared = yaml.safe_load(config_path.read_text()) or {}
+        return TextRecipe(stats["format"], tuple(rules["text_keys"]), rules["item_prompt"], prepared.get("encoding"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{data}: not the canonical tables of a `data prepare` run (stats.json and config.yaml "
+                        f"are needed to build item texts: {type(e).__name__}); pass data=<the run's data folder>"
+                        ) from None
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    """A Parquet or CSV items file as strings (ids stay text, as the canonical tables keep them)."""
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: file is empty; expected the items with an item_id column and their text fields")
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        return pl.read_csv(path, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{path}: not a readable {'Parquet' if path.suffix == '.parquet' else 'CSV'} file "
+                        f"({' '.join(str(e).split())[:160]})") from None
+
+
+def _read_source(path: Path, recipe: TextRecipe, workdir: Path) -> pl.DataFrame:
+    """The items of a raw source in the run's format (through the readers `data prepare` uses)."""
+    from pipeline.data import readers
+
+    if recipe.format == "movielens":
+        raw = readers.read_movielens(path, recipe.encoding, workdir)
+    elif recipe.format == "amazon-books":
+        raw = readers.read_amazon_books(path, None, recipe.text_keys, workdir, log=lambda _: None)
+    else:
+        raise UserError(f"{path}: a folder, but {recipe.format} items come as a file; pass the items CSV/Parquet")
+    return raw.items.collect()
+
+
+def read_catalog(path: Path, recipe: TextRecipe) -> pl.DataFrame:
+    """item_id (String), text, text_sha256 of every catalogue item, in file order. Bad input is a one-line
+    error naming the file: no items, no item_id column, ids that are not integers or strings, a missing or blank
+    id, a duplicate id, a missing text field."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    with tempfile.TemporaryDirectory(prefix="hllm-refresh-") as tmp:
+        table = _read_source(path, recipe, Path(tmp)) if path.is_dir() else _read_table(path)
+    if table.height == 0:
+        raise UserError(f"{path}: holds no items")
+    if "item_id" not in table.columns:
+        raise UserError(f"{path}: no item_id column (columns: {', '.join(table.columns)})")
+    kind = table.schema["item_id"]
+    if not (kind == pl.String or kind.is_integer()):
+        raise UserError(f"{path}: column item_id holds {kind} values; expected integer or string ids (the run's "
+                        "ids are text, e.g. '1' or 'B00012'); a float column loses them")
+    missing = [k for k in recipe.text_keys if k not in table.columns]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)} (the run builds item texts from "
+                        f"{', '.join(recipe.text_keys)}; columns here: {', '.join(table.columns)})")
+    if "row" not in table.columns:  # the raw readers number rows themselves
+        table = table.with_row_index("row", offset=1)
+    table = table.with_columns(
+        pl.col("item_id").cast(pl.String).str.strip_chars().replace("", None))
+    blank = table.filter(pl.col("item_id").is_null())
+    if blank.height:
+        raise UserError(f"{path}: row {blank['row'][0]}: item_id is missing")
+    repeated = table.filter(pl.col("item_id").is_duplicated())
+    if repeated.height:
+        first = repeated["item_id"][0]
+        rows = repeated.filter(pl.col("item_id") == first)["row"].to_list()
+        raise UserError(f"{path}: item_id {first!r} appears more than once (rows {', '.join(map(str, rows))}); "
+                        "ids must be unique")
+    from pipeline.data.text import item_text_expr
+
+    table = table.with_columns(item_text_expr(recipe.text_keys, recipe.item_prompt).alias("text"))
+    sha = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in table["text"]]
+    return table.select("item_id", "text").with_columns(pl.Series("text_sha256", sha))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What changed
+
+
+@dataclass(frozen=True)
+class RefreshPlan:
+    items: pl.DataFrame
+    """The new version's items: item_idx, item_id, text, text_sha256, status (unchanged, changed, new)."""
+    retired: pl.DataFrame
+    """The parent's items the catalogue no longer has: item_idx, item_id."""
+
+    def count(self, status: str) -> int:
+        return int((self.items["status"] == status).sum())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {**{s: self.count(s) for s in ("new", "changed", "unchanged")}, "retired": self.retired.height}
+
+    @property
+    def is_noop(self) -> bool:
+        return self.count("unchanged") == self.items.height and self.retired.height == 0
+
+
+def version_items(root: Path, data: Path) -> pl.DataFrame:
+    """item_idx, item_id, text_sha256 of a version (versions written before item_id was recorded take the ids
+    from the canonical tables they were made from)."""
+    items = pl.read_parquet(root / "items.parquet")
+    if "item_id" not in items.columns:
+        ids = pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id"])
+        items = items.join(ids, on="item_idx", how="left")
+    return items.select("item_idx", pl.col("item_id").cast(pl.String), "text_sha256")
+
+
+def plan_refresh(old: pl.DataFrame, catalog: pl.DataFrame, next_idx: int, same_model: bool) -> RefreshPlan:
+    """Compare the catalogue with the parent version: new items get item_idx next_idx, next_idx + 1, ... in
+    catalogue order; every item is re-embedded when the Item LLM changed."""
+    joined = catalog.join(old.rename({"text_sha256": "old_sha"}), on="item_id", how="left", maintain_order="left")
+    status = (pl.when(pl.col("item_idx").is_null()).then(pl.lit("new"))
+              .when((pl.col("old_sha") == pl.col("text_sha256")) & same_model).then(pl.lit("unchanged"))
+              .otherwise(pl.lit("changed")))
+    joined = joined.with_columns(status.alias("status"))
+    is_new = (pl.col("status") == "new").cast(pl.Int64)
+    joined = joined.with_columns(
+        pl.when(pl.col("status") == "new").then(next_idx - 1 + is_new.cum_sum()).otherwise(pl.col("item_idx"))
+        .cast(pl.Int64).alias("item_idx"))
+    items = joined.select("item_idx", "item_id", "text", "text_sha256", "status").sort("item_idx")
+    retired = old.join(catalog.select("item_id"), on="item_id", how="anti").select("item_idx", "item_id")
+    return RefreshPlan(items, retired.sort("item_idx"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def _embed_changed(run: Path, plan: RefreshPlan, token_budget: int, device: torch.device, log) -> tuple:
+    """Embeddings (m, D) float32 of the plan's new and changed items (item_idx order), and the throughput."""
+    todo = plan.items.filter(pl.col("status") != "unchanged")
+    meter = Throughput()
+    if todo.height == 0:
+        return todo["item_idx"].to_numpy(), None, meter.rates()
+    item_llm, tokenizer, meta = build.load_item_llm(run / "item_llm")
+    item_llm.to(device).eval()
+    catalogue = TokenizedCatalogue.build(tokenizer, todo["text"].to_list(), int(meta["max_text_tokens"]))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    from tqdm import tqdm
+
+    with tqdm(total=todo.height, unit="item", desc="embedding new and changed items", disable=None) as bar:
+        emb = embed_items(item_llm, catalogue, np.arange(1, todo.height + 1), token_budget,
+                          meta.get("positions", "right"), autocast, progress=lambda i, t: (meter(i, t), bar.update(i)))
+    if not torch.isfinite(emb).all():
+        raise RuntimeError("the Item LLM produced NaN or infinite embeddings")
+    return todo["item_idx"].to_numpy(), emb, meter.rates()
+
+
+def _write_version(root: Path, parent: store.EmbeddingTable, plan: RefreshPlan, model_fp: str,
+                   embedded: tuple, extra: dict) -> dict:
+    """The new version: carried rows copied from the parent as stored (bit-identical), embedded rows converted
+    to the stored dtype; shards of the parent's size; manifest last."""
+    pm = parent.manifest
+    identity = {"model_fingerprint": model_fp, "data_fingerprint": fingerprint(plan.items["text_sha256"].to_list()),
+                "parent": parent.root.name, **{k: pm[k] for k in ("max_text_tokens", "pooling", "positions")
+                                                if k in pm},
+                "shard_rows": pm.get("shard_rows", 100_000), "format": pm["format"], "dtype": pm["dtype"]}
+    writer = store.ShardWriter(root, pm["format"], pm["dtype"], identity)
+    idx = plan.items["item_idx"].to_numpy(writable=True)
+    rows = parent.embeddings[torch.from_numpy(np.minimum(idx, parent.embeddings.shape[0] - 1))].clone()
+    embedded_idx, emb, _ = embedded
+    if emb is not None:
+        rows[torch.from_numpy(np.searchsorted(idx, embedded_idx))] = emb.to(rows.dtype)
+    per_shard = int(identity["shard_rows"])
+    for k, start in enumerate(range(0, len(idx), per_shard)):
+        if not writer.is_done(k):
+            writer.write(k, idx[start:start + per_shard], rows[start:start + per_shard])
+    max_idx = max(int(pm.get("max_item_idx", pm["rows"])), int(idx.max(initial=0)))
+    return writer.finish(plan.items, int(pm["dim"]), {"max_item_idx": max_idx, **extra})
+
+
+def prune(base: Path, keep: int, log=print) -> list[str]:
+    """Delete all but the `keep` newest finished versions (never the current one), and unfinished leftovers
+    that no job is writing (the caller holds the lock). Returns the names deleted."""
+    current = store.current_version(base)
+    finished = store.finished_versions(base)
+    keep_names = set(finished[-keep:]) | {current}
+    gone = []
+    for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if path.name in keep_names:
+            continue
+        trash = base / f".{path.name}.deleting"
+        path.rename(trash)  # gone from view at once; the files go after
+        shutil.rmtree(trash, ignore_errors=True)
+        gone.append(path.name)
+    if gone:
+        log(f"pruned {len(gone)} old version(s): {', '.join(gone)}")
+    return gone
+
+
+def run_items(config: RefreshItemsConfig, log=print) -> dict:
+    """Refresh the run's item embeddings from the catalogue; returns the summary (also logged)."""
+    started = time.perf_counter()
+    base = config.run / "embeddings"
+    data = data_folder(config.run, config.data)
+    catalog = read_catalog(config.catalog, text_recipe(data))
+    with JobLock(base, config.wait, log=log):
+        parent_name = store.current_version(base)
+        parent = store.load_embeddings(base / parent_name)
+        model_dir = config.run / "item_llm"
+        if not (model_dir / "item_llm.json").is_file():
+            raise UserError(f"{model_dir}: no Item LLM to embed new items with; run `embed-items` for this run")
+        model_fp = folder_sha256(model_dir)
+        old = version_items(parent.root, data)
+        if old.join(catalog, on="item_id", how="semi").height == 0 and old.height:
+            raise UserError(f"{config.catalog}: shares no item_id with version {parent_name} ({old.height:,} items, "
+                            f"ids like {old['item_id'][0]!r}); every item would be retired: is it the right file?")
+        next_idx = int(parent.manifest.get("max_item_idx", parent.manifest["rows"])) + 1
+        plan = plan_refresh(old, catalog, next_idx, same_model=model_fp == parent.manifest.get("model_fingerprint"))
+        summary = {"parent": parent_name, **plan.counts}
+        if plan.is_noop:
+            summary.update(version=parent_name, changed_version=False, seconds=round(time.perf_counter() - started, 2))
+            log(f"nothing to do: version {parent_name} already holds this catalogue ({plan.count('unchanged'):,} "
+                f"items, none new, changed or retired)")
+            return summary
+        version = "v-" + fingerprint({"parent": parent_name, "model": model_fp,
+                                      "items": plan.items.select("item_idx", "text_sha256").rows()})[:12]
+        root = base / version
+        if not (root / store.MANIFEST).is_file():
+            if plan.count("unchanged") < plan.items.height and model_fp != parent.manifest.get("model_fingerprint"):
+                log("the Item LLM differs from the one that made the current version: re-embedding every item")
+            embedded = _embed_changed(config.run, plan, config.token_budget, device_of(config.device), log)
+            _write_version(root, parent, plan, model_fp, embedded,
+                           {"version": version, "item_llm": str(model_dir), "refresh": plan.counts,
+                            "throughput": embedded[2]})
+        store.publish(base, version)
+        if config.keep is not None:
+            prune(base, config.keep, log=log)
+    summary.update(version=version, changed_version=True, seconds=round(time.perf_counter() - started, 2))
+    log(f"refreshed {parent_name} -> {version}: {summary['new']:,} new, {summary['changed']:,} changed, "
+        f"{summary['unchanged']:,} unchanged (carried over), {summary['retired']:,} retired; "
+        f"{summary['seconds']:.1f}s")
+    return summary
+
+
+def rollback(run: Path, version: str | None = None, wait: float = 0, log=print) -> str:
+    """Point CURRENT back at `version` (default: the current version's parent); returns the version now current."""
+    base = run / "embeddings"
+    with JobLock(base, wait, log=log):
+        current = store.current_version(base)
+        if version is None:
+            version = store.read_manifest(base / current).get("parent")
+            if not version:
+                raise UserError(f"{base / current}: has no parent version to roll back to; name one: "
+                                f"{', '.join(store.finished_versions(base))}")
+        store.version_root(run, version)  # finished, or a one-line error listing those that are
+        store.publish(base, version)
+    log(f"CURRENT: {current} -> {version}")
+    return version
