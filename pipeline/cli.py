@@ -26,6 +26,7 @@ from stages import evaluate as stage_eval
 from stages import prepare as stage_prepare
 from stages import refresh as stage_refresh
 from stages import train_user as stage_two
+from stages import users as stage_users
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="HLLM sequential recommendation: data -> item embeddings -> user model -> evaluation.")
@@ -197,6 +198,15 @@ def _run_prepare(conf) -> None:
     stage_prepare.run(conf, log=typer.echo)
 
 
+def _run_recommend(conf) -> None:
+    top = stage_users.recommend(conf, log=_log)
+    width = max([len(str(v)) for v in top["item_id"]] + [7]) if "item_id" in top.columns else 7
+    typer.echo(f"{'rank':>4}  {'item_id':<{width}}  {'score':>7}  text")
+    for row in top.iter_rows(named=True):
+        text = row.get("text") or ""
+        typer.echo(f"{row['rank']:>4}  {str(row.get('item_id')):<{width}}  {row['score']:7.4f}  {text}")
+
+
 def _run_eval(conf) -> None:
     report = stage_eval.run(conf, log=_log)
     typer.echo(stage_eval.format_table(report))
@@ -219,6 +229,13 @@ STAGES = {
                           lambda conf: stage_refresh.run_items(conf, log=_log),
                           "Refresh the item embeddings: embed new and changed items, carry the rest over, drop "
                           "retired ones, publish a new version atomically.", ("catalog", "run", "keep", "wait")),
+    "users": StageCommand("users", stage_users.RefreshUsersConfig,
+                          lambda conf: stage_users.run_users(conf, log=_log),
+                          "Refresh the user vectors (the User LLM's output after each user's history) of the users "
+                          "active since a time, or of all users.", ("since", "all", "interactions", "run", "wait")),
+    "recommend": StageCommand("recommend", stage_users.RecommendConfig, _run_recommend,
+                              "A user's top items from their stored vector (`refresh users` first).",
+                              ("user", "k", "run")),
     "eval": StageCommand("eval", stage_eval.EvalConfig, _run_eval,
                          "Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and "
                          "NDCG@K.", ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks")),
@@ -263,8 +280,9 @@ def command_line() -> click.Group:
     """The whole command: typer's commands plus the generated stage commands."""
     group = typer.main.get_command(app)
     group.commands["data"].add_command(stage_command(STAGES["prepare"]))  # type: ignore[attr-defined]
-    group.commands["refresh"].add_command(stage_command(STAGES["items"]))  # type: ignore[attr-defined]
-    for name in ("embed-items", "train-user", "eval"):
+    for name in ("items", "users"):
+        group.commands["refresh"].add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
+    for name in ("embed-items", "train-user", "eval", "recommend"):
         group.add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
     return group
 

@@ -110,9 +110,11 @@ class EvalConfig:
                               f"index={self.index}")
 
 
-def _user_llm_dir(config: EvalConfig) -> Path:
-    stage_two, stage_one = config.run / "user_llm", config.run / "user_llm_stage1"
-    if config.user_llm == "stage-two" or (config.user_llm == "auto" and stage_two.is_dir()):
+def user_llm_dir(run: Path, which: str = "auto") -> Path:
+    """The run's User LLM folder: stage-two (run/user_llm), stage-one (run/user_llm_stage1) or auto (stage two
+    where it was trained)."""
+    stage_two, stage_one = run / "user_llm", run / "user_llm_stage1"
+    if which == "stage-two" or (which == "auto" and stage_two.is_dir()):
         path = stage_two
     else:
         path = stage_one
@@ -222,7 +224,7 @@ def run(config: EvalConfig, log=print) -> dict:
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
     # the catalogue ranked: the data's items, or the embeddings version's (a refresh adds items and retires some)
     root, cached, n_items, absent = None, None, seqs.num_items, np.zeros(0, dtype=np.int64)
-    path = _user_llm_dir(config) if config.model != "popularity" else None
+    path = user_llm_dir(config.run, config.user_llm) if config.model != "popularity" else None
     if path is not None and "cached" in build.saved_item_source(path):
         root = version_root(config.run, config.embeddings)
         loaded = load_embeddings(root)

@@ -336,3 +336,129 @@ def test_a_text_and_id_model_scores_a_grown_catalogue_with_zero_ids_for_new_item
     for name in ("items.sources.1.embedding.weight", "item_ids.weight"):
         saved, loaded = model.state_dict()[name], grown.state_dict()[name]
         assert loaded.shape[0] == 46 and torch.equal(loaded[:41], saved) and loaded[41:].abs().sum() == 0, name
+
+
+# ---- user vectors and recommend --------------------------------------------------------------------------------
+
+
+def users_settings(run: Path, *extra: str):
+    from stages import users
+
+    return cfg.load(users.RefreshUsersConfig, None, [f"run={run}", "device=cpu", *extra])
+
+
+def new_interactions(path: Path) -> Path:
+    """u1 and u2 act again (at t=5000), a new user u999 arrives, one row names an item nobody knows."""
+    rows = ["user_id,item_id,timestamp", "u1,i7,5000", "u2,i8,5000", "u999,i0,5001", "u999,i1,5002",
+            "u1,nope,5003", "u3,i9,notatime"]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_user_vectors_are_the_user_llms_output_after_the_whole_history(base_run, tmp_path):
+    from pipeline.batches import user_vectors
+    from pipeline.data.sequences import EvalExamples, UserSequences
+    from pipeline.search import normalise
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    summary = users.run_users(users_settings(run, "all=true"), log=quiet)
+    assert summary["refreshed"] == 120 and summary["carried"] == 0
+    frame, vectors, manifest = users._load_users(run / "users" / summary["version"])
+    # reference: the CSR sequences of the canonical tables, every item as history
+    seqs = UserSequences.load(base_run["data"])
+    ids = pl.read_parquet(base_run["data"] / "users.parquet").sort("user_idx")["user_id"].to_list()
+    n = seqs.num_users
+    examples = EvalExamples("test", np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.zeros(n, np.int64),
+                            seqs.offsets, seqs.items.astype(np.int64), seqs.timestamps)
+    model, table, _, meta, _ = users.load_scorer(run, run / "user_llm_stage1")
+    expected = normalise(user_vectors(model, table, examples, int(meta["max_len"])))
+    rows = {u: r for r, u in enumerate(frame["user_id"].to_list())}
+    got = vectors[[rows[u] for u in ids]].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert frame.filter(pl.col("user_id") == ids[0])["seen"][0].to_list() == seqs.user(0)[0].tolist()
+
+
+def test_refresh_users_since_recomputes_the_active_users_only(base_run, tmp_path, monkeypatch):
+    from pipeline.models.llm import UserLLM
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    first = users.run_users(users_settings(run, "all=true"), log=quiet)
+    before, old_vectors, _ = users._load_users(run / "users" / first["version"])
+    counted = []
+    forward = UserLLM.forward
+    monkeypatch.setattr(UserLLM, "forward", lambda self, x, *a, **k: (counted.append(x.shape[0]),
+                                                                       forward(self, x, *a, **k))[1])
+    extra = new_interactions(tmp_path / "new.csv")
+    second = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
+    assert (second["refreshed"], second["carried"], second["rejected_rows"]) == (3, 118, 2)
+    assert sum(counted) == 3  # u1, u2 and the new u999 went through the User LLM, nobody else
+    after, new_vectors, manifest = users._load_users(run / "users" / second["version"])
+    assert manifest["parent"] == first["version"]
+    rows_before = {u: r for r, u in enumerate(before["user_id"].to_list())}
+    for r, (user, refreshed) in enumerate(zip(after["user_id"], after["refreshed"], strict=True)):
+        if user in ("u1", "u2", "u999"):
+            assert refreshed
+            if user != "u999":
+                assert not torch.equal(new_vectors[r], old_vectors[rows_before[user]])
+        else:
+            assert not refreshed and torch.equal(new_vectors[r], old_vectors[rows_before[user]])  # bit-identical
+    rejected = pl.read_parquet(run / "users" / second["version"] / "rejected.parquet")
+    assert sorted(rejected["reason"].to_list()) == ["bad_timestamp", "unknown_item_id"]
+    said = []
+    again = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=said.append)
+    assert not again["changed_version"] and said[-1].startswith("nothing to do")
+
+
+def test_recommend_ranks_unseen_live_items_by_the_stored_vector(base_run, tmp_path):
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)  # i3, i17, i30 retire
+    users.run_users(users_settings(run, "all=true"), log=quiet)
+    conf = cfg.load(users.RecommendConfig, None, [f"run={run}", "user=u0", "k=5"])
+    top = users.recommend(conf, log=quiet)
+    frame, vectors, _ = users._load_users(run / "users" / store.current_version(run / "users"))
+    row = frame["user_id"].to_list().index("u0")
+    seen = set(frame["seen"][row].to_list())
+    model, table, live, _, _ = users.load_scorer(run, run / "user_llm_stage1")
+    scores = torch.nn.functional.normalize(table, dim=-1) @ vectors[row]
+    ranked = [i for i in torch.argsort(scores, descending=True, stable=True).tolist() if live[i] and i not in seen]
+    assert top["item_idx"].to_list() == ranked[:5] and top["rank"].to_list() == [1, 2, 3, 4, 5]
+    assert not set(top["item_id"].to_list()) & {"i3", "i17", "i30"}
+    done = run_cli("recommend", "--user", "u0", "--k", "3", "--run", str(run))
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 4 and "title: w" in done.stdout
+    done = run_cli("recommend", "--user", "nobody", "--run", str(run))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no user 'nobody'" in done.stderr
+
+
+def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tmp_path, monkeypatch):
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    first = users.run_users(users_settings(run, "all=true"), log=quiet)
+    extra = new_interactions(tmp_path / "new.csv")
+    straight = copy_run(base_run, tmp_path / "straight")
+    users.run_users(users_settings(straight, "all=true"), log=quiet)
+    expected = users.run_users(users_settings(straight, "since=4000", f"interactions={extra}"), log=quiet)
+    monkeypatch.setattr(users, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
+    assert store.current_version(run / "users") == first["version"]
+    assert sorted(p.name for p in (run / "users").iterdir() if not p.name.startswith(".")) == \
+        sorted(["CURRENT", first["version"]])  # nothing partial is visible
+    monkeypatch.undo()
+    resumed = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
+    assert resumed["version"] == expected["version"]
+    a = users._load_users(run / "users" / resumed["version"])
+    b = users._load_users(straight / "users" / expected["version"])
+    assert a[0].equals(b[0]) and torch.equal(a[1], b[1])
+    with JobLock(run / "users", log=quiet):
+        done = run_cli("refresh", "users", "--run", str(run), "--all", "device=cpu")
+        assert done.returncode == 2 and "another job holds this lock" in done.stderr
+    for since, message in (("2999-01-01", "is in the future"), ("last tuesday", "expected unix seconds")):
+        done = run_cli("refresh", "users", "--run", str(run), "--since", since)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    done = run_cli("refresh", "users", "--run", str(run))
+    assert done.returncode == 2 and "exactly one of since" in done.stderr

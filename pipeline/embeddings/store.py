@@ -2,7 +2,7 @@
 
     shard-00000.safetensors   tensors item_idx int64 [n] and embedding [n, d] (or .parquet: the same columns,
                               embedding as a fixed-size list)
-    items.parquet             item_idx, item_id, text_sha256 of every embedded item
+    items.parquet             item_idx, item_id, text_sha256 (and text) of every embedded item
     manifest.json             model fingerprint, dim, dtype, rows, per-shard sha256, parent version (a refresh's
                               starting point); written last, atomically
 
@@ -88,7 +88,8 @@ class ShardWriter:
         """Write items.parquet (item_idx, item_id, text_sha256 of the embedded items) and, last, the manifest:
         from now on the version is visible."""
         with atomic_path(self.root / "items.parquet") as tmp:
-            items.select("item_idx", "item_id", "text_sha256").sort("item_idx").write_parquet(tmp)
+            columns = ["item_idx", "item_id", "text_sha256"] + (["text"] if "text" in items.columns else [])
+            items.select(columns).sort("item_idx").write_parquet(tmp)
         shards = [{"file": name, **info} for name, info in sorted(self.done.items())]
         manifest = {
             **self.fingerprint,
