@@ -11,6 +11,7 @@ top-K routine keeps in no particular order), the batch is searched again deeper.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,30 +89,40 @@ class TorchSearch:
 
     kind, backend, exact, ties_ordered = "flat", "torch", True, False
 
-    def __init__(self, items: np.ndarray, device: str | torch.device = "cpu") -> None:
-        self.items = torch.from_numpy(np.ascontiguousarray(items, np.float32)).to(device)  # (N, d), normalised
+    def __init__(self, items: np.ndarray, device: str | torch.device = "cpu", ids: np.ndarray | None = None) -> None:
+        """items (N, d) normalised; ids: their item_idx (default 1..N)."""
+        self.items = torch.from_numpy(np.ascontiguousarray(items, np.float32)).to(device)  # (N, d)
         self.num_items = items.shape[0]
+        self.ids = np.arange(1, self.num_items + 1, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        self.max_id = int(self.ids.max(initial=0))
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (b, d) -> scores (b, depth) float32, item_idx (b, depth) int64, best first."""
         queries = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.items.device)
         scores = queries @ self.items.T  # (b, N)
         top = torch.topk(scores, depth, dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy() + 1
+        return top.values.cpu().numpy(), self.ids[top.indices.cpu().numpy()]
 
 
 class FaissSearch:
-    """A FAISS index over the normalised items; with use_gpu, a GPU copy too when faiss has a GPU (used for the
-    depths and probe counts that faiss' GPU indexes support, the CPU index otherwise)."""
+    """A FAISS index over the normalised items, labelled by item_idx (an id map); with use_gpu, a GPU copy too
+    when faiss has a GPU (used for the depths and probe counts that faiss' GPU indexes support, the CPU index
+    otherwise)."""
 
     backend, ties_ordered = "faiss", False
 
     def __init__(self, index, kind: str, ivf_probe: int = 16, hnsw_ef_search: int = 256,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, max_id: int | None = None) -> None:
+        """max_id: the largest item_idx in the index (read from the id map where there is one; an IVF index keeps
+        its ids in its lists, so give it, or 1..ntotal is assumed)."""
         faiss = import_faiss()
         self.index, self.kind, self.exact = index, kind, kind == "flat"
         self.num_items = index.ntotal
+        if max_id is None and hasattr(index, "id_map"):
+            max_id = int(faiss.vector_to_array(index.id_map).max(initial=0))
+        self.max_id = max_id if max_id is not None else self.num_items
         self.hnsw_ef_search = hnsw_ef_search
+        self.hnsw = faiss.downcast_index(index.index).hnsw if kind == "hnsw" else None
         if kind == "ivf":
             index.nprobe = ivf_probe
         self.gpu_index = None
@@ -122,10 +133,10 @@ class FaissSearch:
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         index = self.gpu_index if self.gpu_index is not None and depth <= GPU_MAX_K else self.index
-        if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(self.hnsw_ef_search, depth)  # HNSW finds at most efSearch results
+        if self.hnsw is not None:
+            self.hnsw.efSearch = max(self.hnsw_ef_search, depth)  # HNSW finds at most efSearch results
         scores, labels = index.search(np.ascontiguousarray(queries, np.float32), depth)
-        return scores, labels.astype(np.int64) + 1  # label -1 (nothing found) becomes 0, dropped later
+        return scores, np.maximum(labels.astype(np.int64), 0)  # label -1 (nothing found) becomes 0, dropped later
 
 
 class PopularitySearch:
@@ -145,47 +156,103 @@ class PopularitySearch:
                 np.broadcast_to(self.order[:depth], (b, depth)).copy())
 
 
-def build_faiss_index(items: np.ndarray, kind: str, ivf_lists: int, hnsw_m: int, seed: int):
-    """An index over normalised items (N, d) by inner product: flat (exact), ivf or hnsw (approximate)."""
+def row_digests(items: np.ndarray) -> np.ndarray:
+    """(N,) uint64: a hash of each row's bytes (which rows changed between two item tables)."""
+    words = np.ascontiguousarray(items, np.float32).view(np.uint32).astype(np.uint64)  # (N, d)
+    weights = (np.arange(words.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return (words * weights).sum(axis=1, dtype=np.uint64) ^ (words.sum(axis=1, dtype=np.uint64) << np.uint64(32))
+
+
+def build_faiss_index(items: np.ndarray, kind: str, ivf_lists: int, hnsw_m: int, seed: int,
+                      ids: np.ndarray | None = None):
+    """An index over normalised items (N, d) by inner product, labelled by `ids` (their item_idx; default
+    1..N): flat (exact) and hnsw behind an id map, ivf with its own ids (approximate)."""
     faiss = import_faiss()
     dim = items.shape[1]
+    ids = np.arange(1, len(items) + 1, dtype=np.int64) if ids is None else np.ascontiguousarray(ids, np.int64)
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif kind == "ivf":
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, ivf_lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.train(items)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT))
     else:
         raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
-    index.add(items)
+    index.add_with_ids(items, ids)
     return index
 
 
-def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, ivf_lists: int, hnsw_m: int,
-                       seed: int, save: bool = True, log=print) -> tuple[object, dict]:
-    """Load the index saved under `folder` for exactly `key` (the item vectors and build settings), or build it
-    (and save it atomically). Returns (index, {"path", "reused", "build_s"})."""
+def patch_faiss_index(index, kind: str, old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray],
+                      items: np.ndarray) -> tuple[object, dict] | None:
+    """The index of an earlier item table brought to a new one by id: rows removed or changed come out, rows
+    added or changed go in. old/new: (ids, row_digests); items: the new table's rows, in `new` order. None for
+    an index that cannot remove ids (HNSW): rebuild it."""
+    if kind == "hnsw":
+        return None
     faiss = import_faiss()
+    old_ids, old_digests = old
+    new_ids, new_digests = new
+    before = dict(zip(old_ids.tolist(), old_digests.tolist(), strict=True))
+    is_new = np.array([before.get(i) != d for i, d in zip(new_ids.tolist(), new_digests.tolist(), strict=True)],
+                      dtype=bool)
+    gone = np.setdiff1d(old_ids, new_ids[~is_new])  # retired, or changed (re-added below)
+    if len(gone):
+        index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(np.ascontiguousarray(gone, np.int64))))
+    if is_new.any():
+        index.add_with_ids(np.ascontiguousarray(items[is_new]), np.ascontiguousarray(new_ids[is_new], np.int64))
+    return index, {"removed": int(len(gone)), "added": int(is_new.sum())}
+
+
+def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, ivf_lists: int, hnsw_m: int,
+                       seed: int, save: bool = True, log=print, ids: np.ndarray | None = None,
+                       parent_folder: Path | None = None) -> tuple[object, dict]:
+    """Load the index saved under `folder` for exactly `key` (the item vectors and build settings), or patch the
+    one saved for the parent version's table with the same settings (`parent_folder`: a refresh changed a few
+    rows), or build it; save it atomically. Returns (index, {"path", "reused"/"patched_from", "seconds"})."""
+    faiss = import_faiss()
+    ids = np.arange(1, len(items) + 1, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    key = {**key, "labels": "item_idx"}  # indexes saved before id maps were used are not reused
     name = f"{kind}-{fingerprint(key)}"
     path = folder / f"{name}.faiss"
+    start = time.perf_counter()
     if path.is_file():
-        start = time.perf_counter()
         index = faiss.read_index(str(path))
         if index.ntotal == items.shape[0] and index.d == items.shape[1]:
             log(f"index: reusing {path}")
             return index, {"path": str(path), "reused": True, "seconds": round(time.perf_counter() - start, 3)}
-    start = time.perf_counter()
-    index = build_faiss_index(items, kind, ivf_lists, hnsw_m, seed)
+    digests = row_digests(items)
+    settings = {k: v for k, v in key.items() if k not in ("items_sha256", "shape")}
+    index, info = None, {}
+    for meta_path in sorted(parent_folder.glob(f"{kind}-*.json")) if parent_folder and parent_folder.is_dir() else []:
+        meta = json.loads(meta_path.read_text())
+        old_path, rows_path = meta_path.with_suffix(".faiss"), meta_path.with_suffix(".rows.npz")
+        if meta.get("settings") != settings or not old_path.is_file() or not rows_path.is_file():
+            continue
+        rows = np.load(rows_path)
+        patched = patch_faiss_index(faiss.read_index(str(old_path)), kind, (rows["ids"], rows["digests"]),
+                                    (ids, digests), items)
+        if patched is not None:
+            index, info = patched[0], {"patched_from": str(old_path), **patched[1]}
+            log(f"index: patched {old_path} ({info['removed']:,} removed, {info['added']:,} added)")
+            break
+    if index is None:
+        index = build_faiss_index(items, kind, ivf_lists, hnsw_m, seed, ids)
+        log(f"index: built faiss {kind} over {items.shape[0]:,} items x {items.shape[1]} in "
+            f"{time.perf_counter() - start:.1f}s")
     seconds = time.perf_counter() - start
-    log(f"index: built faiss {kind} over {items.shape[0]:,} items x {items.shape[1]} in {seconds:.1f}s")
     if save:
         with atomic_path(path) as tmp:
             faiss.write_index(index, str(tmp))
-        write_json_atomic(folder / f"{name}.json", {"kind": kind, "key": key, "items": int(items.shape[0]),
-                                                     "dim": int(items.shape[1]), "faiss": faiss.__version__})
-    return index, {"path": str(path) if save else None, "reused": False, "seconds": round(seconds, 3)}
+        with atomic_path(path.with_suffix(".rows.npz")) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=ids, digests=digests)
+        write_json_atomic(folder / f"{name}.json", {"kind": kind, "key": key, "settings": settings,
+                                                     "items": int(items.shape[0]), "dim": int(items.shape[1]),
+                                                     "faiss": faiss.__version__, **info})
+    return index, {"path": str(path) if save else None, "reused": False, "seconds": round(seconds, 3), **info}
 
 
 def masked_topk(searcher, queries: np.ndarray, masked: Masked, k: int, batch_size: int = 1024
@@ -196,6 +263,8 @@ def masked_topk(searcher, queries: np.ndarray, masked: Masked, k: int, batch_siz
     One search call per batch of users (two or more only where ties straddle the cut), never one per user.
     """
     n_users, n_items = len(queries), searcher.num_items
+    # (user row, item_idx) -> one key
+    stride = max(getattr(searcher, "max_id", n_items), int(masked.items.max(initial=0))) + 1
     counts = masked.counts
     if len(counts) != n_users:
         raise ValueError(f"{n_users} queries but masked items for {len(counts)} users")
@@ -205,7 +274,6 @@ def masked_topk(searcher, queries: np.ndarray, masked: Masked, k: int, batch_siz
     for start in range(0, n_users, batch_size):
         users = order[start:start + batch_size]
         rows, masked_items = masked.rows(users)
-        stride = n_items + 1
         masked_keys = rows * stride + masked_items
         # one more than k + masked, so that without ties the last result returned is never one of the k kept
         depth = min(n_items, k + int(counts[users].max(initial=0)) + 1)

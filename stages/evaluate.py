@@ -130,8 +130,10 @@ def _ivf_lists(config: EvalConfig, n_items: int) -> int:
     return max(1, min(int(4 * math.sqrt(n_items)), n_items // 39))
 
 
-def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, device: torch.device, log=print):
-    """The searcher the settings ask for, and a description of the index for the protocol card."""
+def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, device: torch.device, log=print,
+                  ids: np.ndarray | None = None, parent_folder: Path | None = None):
+    """The searcher the settings ask for over `items` (their item_idx: `ids`, default 1..N), and a description
+    of the index for the protocol card. A saved index of the parent version (`parent_folder`) is patched."""
     faiss = import_faiss()
     backend = config.search if config.search != "auto" else ("faiss" if faiss is not None else "torch")
     if backend == "torch":
@@ -140,7 +142,7 @@ def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, dev
                               "faiss-cpu (or faiss-gpu), or use index=flat")
         if config.search == "auto":
             log("faiss is not installed: exact search with torch instead")
-        return TorchSearch(items, device), {"type": "exact", "backend": "torch", "device": str(device),
+        return TorchSearch(items, device, ids), {"type": "exact", "backend": "torch", "device": str(device),
                                             "description": "torch matmul + top-K (exact)"}
     if faiss is None:
         raise ConfigError("search=faiss but faiss is not installed here: pip install faiss-cpu (or faiss-gpu), or "
@@ -151,9 +153,9 @@ def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, dev
     key = {"items_sha256": hashlib.sha256(items.tobytes()).hexdigest(), "shape": list(items.shape),
            "kind": config.index, **build_settings}
     index, info = cached_faiss_index(items, config.index, index_folder, key, lists, config.hnsw_m, config.seed,
-                                     save=config.save_index, log=log)
+                                     save=config.save_index, log=log, ids=ids, parent_folder=parent_folder)
     searcher = FaissSearch(index, config.index, config.ivf_probe, config.hnsw_ef_search,
-                           use_gpu=device.type == "cuda")
+                           use_gpu=device.type == "cuda", max_id=int(ids.max(initial=0)) if ids is not None else None)
     search_settings = {"ivf_probe": config.ivf_probe} if config.index == "ivf" else (
         {"hnsw_ef_search": f"max({config.hnsw_ef_search}, search depth)"} if config.index == "hnsw" else {})
     kind = "exact" if config.index == "flat" else "approximate"
@@ -282,11 +284,14 @@ def run(config: EvalConfig, log=print) -> dict:
             raise RuntimeError("the User LLM produced NaN or infinite user vectors")
         queries = normalise(vectors)
         timings["user_vectors_s"] = time.perf_counter() - start
-        items = normalise(table[1:].cpu())  # (N, D) items 1..N
+        ids = np.setdiff1d(np.arange(1, n_items + 1), absent)  # the items this version holds
+        items = normalise(table[torch.from_numpy(ids)].cpu())  # (N', D)
         if not np.isfinite(items).all():
             raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
         start = time.perf_counter()
-        searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log)
+        parent = read_manifest(root).get("parent") if root is not None else None
+        searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log,
+                                             ids=ids, parent_folder=root.parent / parent / "index" if parent else None)
         timings["index_s"] = time.perf_counter() - start
         start = time.perf_counter()
         _, top_items = masked_topk(searcher, queries, masked, k_max, config.batch_size)
@@ -294,7 +299,7 @@ def run(config: EvalConfig, log=print) -> dict:
         timings["users_per_s"] = len(examples) / max(timings["search_s"], 1e-9)
         ranks = ranks_in_topk(top_items, examples.targets)
         if not searcher.exact:
-            _, exact_items = masked_topk(TorchSearch(items, device), queries, masked, k_max, config.batch_size)
+            _, exact_items = masked_topk(TorchSearch(items, device, ids), queries, masked, k_max, config.batch_size)
             extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
             extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
         protocol["model"] = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})",

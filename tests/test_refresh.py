@@ -462,3 +462,59 @@ def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tm
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     done = run_cli("refresh", "users", "--run", str(run))
     assert done.returncode == 2 and "exactly one of since" in done.stderr
+
+
+# ---- the index follows the version -----------------------------------------------------------------------------
+
+
+def test_patched_indexes_equal_a_build_from_scratch():
+    from pipeline.search import FaissSearch, Masked, build_faiss_index, masked_topk, patch_faiss_index, row_digests
+
+    rng = np.random.default_rng(0)
+    old = rng.standard_normal((60, 8)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    old_ids = np.arange(1, 61)
+    new_ids = np.concatenate([np.setdiff1d(old_ids, [4, 20, 33]), np.arange(61, 66)])  # 3 retired, 5 new
+    new = np.concatenate([old[new_ids[:-5] - 1], rng.standard_normal((5, 8)).astype(np.float32)])
+    new[[0, 7, 30]] = rng.standard_normal((3, 8))  # 3 changed
+    fresh = [0, 7, 30, 57, 58, 59, 60, 61]
+    new[fresh] /= np.linalg.norm(new[fresh], axis=1, keepdims=True)  # the carried rows stay bit-identical
+    queries = rng.standard_normal((40, 8)).astype(np.float32)
+    no_mask = Masked(np.zeros(41, np.int64), np.zeros(0, np.int64))
+    for kind in ("flat", "ivf"):
+        scratch = build_faiss_index(new, kind, 4, 16, 0, new_ids)
+        patched, info = patch_faiss_index(build_faiss_index(old, kind, 4, 16, 0, old_ids), kind,
+                                          (old_ids, row_digests(old)), (new_ids, row_digests(new)), new)
+        assert info == {"removed": 6, "added": 8} and patched.ntotal == 62
+        probe = {"ivf_probe": 4} if kind == "ivf" else {}  # every list: exhaustive, so comparable
+        a = masked_topk(FaissSearch(patched, kind, max_id=65, **probe), queries, no_mask, 62)
+        b = masked_topk(FaissSearch(scratch, kind, max_id=65, **probe), queries, no_mask, 62)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert patch_faiss_index(build_faiss_index(old, "hnsw", 4, 16, 0, old_ids), "hnsw",
+                             (old_ids, row_digests(old)), (new_ids, row_digests(new)), new) is None
+
+
+def test_eval_after_a_refresh_patches_the_index_and_matches_a_fresh_build(base_run, tmp_path):
+    from stages import evaluate
+
+    run = copy_run(base_run, tmp_path / "run")
+
+    def evaluate_run(*extra: str) -> dict:
+        conf = cfg.load(evaluate.EvalConfig, None, [f"run={run}", f"data={base_run['data']}", "user_llm=stage-one",
+                                                    "device=cpu", "search=faiss", *extra], k=(5, 10, 40))
+        return evaluate.run(conf, log=quiet)
+
+    evaluate_run()
+    evaluate_run("index=hnsw")
+    parent = store.current_version(run / "embeddings")
+    refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)
+    patched = evaluate_run()
+    card = patched["protocol"]["index"]
+    assert parent in card["patched_from"] and (card["removed"], card["added"]) == (13, 15)
+    assert "patched_from" not in evaluate_run("index=hnsw")["protocol"]["index"]  # HNSW is rebuilt
+    shutil.rmtree(run / "embeddings" / parent / "index")
+    for saved in (run / "embeddings" / store.current_version(run / "embeddings") / "index").glob("flat-*"):
+        saved.unlink()
+    fresh = evaluate_run()
+    assert "patched_from" not in fresh["protocol"]["index"] and fresh["metrics"] == patched["metrics"]
