@@ -9,6 +9,7 @@ an NFS mount with working locks); on one shared by several machines, run the job
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -87,3 +88,29 @@ class JobLock:
         fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
         self.file.close()
         self.file = None
+
+
+@contextlib.contextmanager
+def job_lock(folder: Path, wait: float | None = 0, log=print, state=None):
+    """JobLock for a job of one or several processes (accelerate `state`): the main process holds the lock for
+    the whole job and tells the others whether it got it, so that all go on or all stop with its message."""
+    if state is None or state.num_processes == 1:
+        with JobLock(folder, wait, log=log):
+            yield
+        return
+    import torch.distributed as dist
+
+    lock, outcome = JobLock(folder, wait, log=log), [None]
+    if state.is_main_process:
+        try:
+            lock.__enter__()
+        except UserError as e:
+            outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise UserError(outcome[0])
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            lock.__exit__(None, None, None)

@@ -31,7 +31,7 @@ from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.embeddings.store import ShardWriter, publish
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256, sha256_file
-from pipeline.lock import JobLock
+from pipeline.lock import job_lock
 from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
@@ -163,8 +163,10 @@ def _item_meta(config: EmbedItemsConfig) -> dict:
 
 
 def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
-                    log=print) -> Path:
-    """Run the Item LLM over every catalogue item into embeddings/<version>/ (resumable, manifest last)."""
+                    log=print, state=None) -> Path:
+    """Run the Item LLM over every catalogue item into embeddings/<version>/ (resumable, manifest last). Under a
+    multi-process launch (accelerate `state`), each process embeds and writes every num_processes-th shard (a
+    disjoint slice by item_idx) and the main process writes the manifest once all are done."""
     e, m = config.embed, config.item
     model_fp = folder_sha256(config.out / "item_llm")
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
@@ -173,33 +175,49 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
                    "dtype": e.dtype}
     version = e.version or f"v-{fingerprint(identity)[:12]}"
     root = config.out / "embeddings" / version
-    with JobLock(config.out / "embeddings", wait=0, log=log):  # no refresh job may meet this one
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    log = log if rank == 0 else (lambda _: None)
+    with job_lock(config.out / "embeddings", wait=0, log=log, state=state):  # no refresh job may meet this one
         if (root / "manifest.json").is_file():
             log(f"embeddings {version} already complete in {root}")
         else:
-            _write_catalogue(config, item_llm, catalogue, items, root, identity, log)
-        publish(config.out / "embeddings", version)
+            writer = ShardWriter(root, e.format, e.dtype, identity, rank=rank)
+            rates = _write_shards(config, item_llm, catalogue, writer, rank, world)
+            if state is not None:
+                state.wait_for_everyone()
+            if rank == 0:
+                manifest = writer.finish(items, item_llm.dim, {"version": version, "parent": None,
+                                                               "max_item_idx": catalogue.num_items, "item_llm":
+                                                               str(config.out / "item_llm"), "throughput": rates,
+                                                               "processes": world})
+                log(f"embeddings {version}: {manifest['rows']:,} items x {manifest['dim']} ({e.dtype}, {e.format}) "
+                    f"in {root}; {rates['items_per_s']:.0f} items/s, {rates['tokens_per_s']:.0f} tokens/s"
+                    + (f" on the main process of {world}" if world > 1 else ""))
+        if rank == 0:
+            publish(config.out / "embeddings", version)
+        if state is not None:
+            state.wait_for_everyone()
     return root
 
 
-def _write_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
-                     root: Path, identity: dict, log) -> None:
+def _write_shards(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, writer: ShardWriter,
+                  rank: int = 0, world: int = 1) -> dict:
+    """This process's shards (every world-th, from rank), writing each while the next one is computed."""
     e, m = config.embed, config.item
-    version = root.name
-    writer = ShardWriter(root, e.format, e.dtype, identity)
     device = next(item_llm.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
     n = catalogue.num_items
-    n_shards = math.ceil(n / e.shard_rows)
+    mine = [k for k in range(math.ceil(n / e.shard_rows)) if k % world == rank]
     meter = Throughput()
     from tqdm import tqdm
 
-    bar = tqdm(total=n, unit="item", desc=f"embedding {version}", disable=None)
+    ranges = {k: np.arange(k * e.shard_rows + 1, min((k + 1) * e.shard_rows, n) + 1) for k in mine}
+    bar = tqdm(total=sum(len(r) for r in ranges.values()), unit="item", desc=f"embedding {writer.root.name}",
+               disable=None if rank == 0 else True)
     item_llm.eval()
     with ThreadPoolExecutor(max_workers=1) as pool:  # writing a shard overlaps the next shard's compute
         pending = None
-        for k in range(n_shards):
-            idx = np.arange(k * e.shard_rows + 1, min((k + 1) * e.shard_rows, n) + 1)
+        for k, idx in ranges.items():
             if writer.is_done(k):
                 bar.update(len(idx))
                 continue
@@ -213,11 +231,7 @@ def _write_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCat
         if pending is not None:
             pending.result()
     bar.close()
-    rates = meter.rates()
-    manifest = writer.finish(items, item_llm.dim, {"version": version, "parent": None, "max_item_idx": n,
-                                                   "item_llm": str(config.out / "item_llm"), "throughput": rates})
-    log(f"embeddings {version}: {manifest['rows']:,} items x {manifest['dim']} ({e.dtype}, {e.format}) in {root}; "
-        f"{rates['items_per_s']:.0f} items/s, {rates['tokens_per_s']:.0f} tokens/s")
+    return meter.rates()
 
 
 def run(config: EmbedItemsConfig, log=print) -> Path:
@@ -238,12 +252,12 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
     if config.finetune:
         model = train(config, model, seqs, log=log)
     state = distributed_state(device)
-    if state.is_main_process:  # the catalogue pass runs once, on the main process
-        item_llm = model.items.item_llm
+    item_llm = model.items.item_llm
+    if state.is_main_process:  # one writer: every process holds the same weights
         build.save_item_llm(item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
         build.save_user_llm(model, config.out / "user_llm_stage1",
                             {**STAGE_META, "max_len": config.train.max_len, "trained": config.finetune})
         cfg.save(config, config.out / "item_llm" / "config.yaml")
-        embed_catalogue(config, item_llm.to(device), catalogue, items, log=log)
     state.wait_for_everyone()
+    embed_catalogue(config, item_llm.to(device), catalogue, items, log=log, state=state)  # in slices, all processes
     return config.out / "embeddings" / (config.out / "embeddings" / "CURRENT").read_text().strip()

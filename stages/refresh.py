@@ -30,10 +30,10 @@ from pipeline.embeddings import store
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256
-from pipeline.lock import JobLock
+from pipeline.lock import JobLock, job_lock
 from pipeline.models import build
 from pipeline.models.tokens import TokenizedCatalogue
-from pipeline.runtime import device_of
+from pipeline.runtime import device_of, distributed_state
 
 
 @dataclass(frozen=True)
@@ -227,47 +227,55 @@ def plan_refresh(old: pl.DataFrame, catalog: pl.DataFrame, next_idx: int, same_m
 # The job
 
 
-def _embed_changed(run: Path, plan: RefreshPlan, token_budget: int, device: torch.device, log) -> tuple:
-    """Embeddings (m, D) float32 of the plan's new and changed items (item_idx order), and the throughput."""
-    todo = plan.items.filter(pl.col("status") != "unchanged")
-    meter = Throughput()
-    if todo.height == 0:
-        return todo["item_idx"].to_numpy(), None, meter.rates()
-    item_llm, tokenizer, meta = build.load_item_llm(run / "item_llm")
-    item_llm.to(device).eval()
+def _embed(item_llm, tokenizer, meta: dict, todo: pl.DataFrame, token_budget: int, meter: Throughput,
+           bar) -> torch.Tensor:
+    """Embeddings (m, D) float32 of the items in `todo` (text), in its order."""
+    device = next(item_llm.parameters()).device
     catalogue = TokenizedCatalogue.build(tokenizer, todo["text"].to_list(), int(meta["max_text_tokens"]))
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    from tqdm import tqdm
-
-    with tqdm(total=todo.height, unit="item", desc="embedding new and changed items", disable=None) as bar:
-        emb = embed_items(item_llm, catalogue, np.arange(1, todo.height + 1), token_budget,
-                          meta.get("positions", "right"), autocast, progress=lambda i, t: (meter(i, t), bar.update(i)))
+    emb = embed_items(item_llm, catalogue, np.arange(1, todo.height + 1), token_budget, meta.get("positions", "right"),
+                      autocast, progress=lambda i, t: (meter(i, t), bar.update(i)))
     if not torch.isfinite(emb).all():
         raise RuntimeError("the Item LLM produced NaN or infinite embeddings")
-    return todo["item_idx"].to_numpy(), emb, meter.rates()
+    return emb
 
 
-def _write_version(root: Path, parent: store.EmbeddingTable, plan: RefreshPlan, model_fp: str,
-                   embedded: tuple, extra: dict) -> dict:
-    """The new version: carried rows copied from the parent as stored (bit-identical), embedded rows converted
-    to the stored dtype; shards of the parent's size; manifest last."""
+def _version_identity(parent: store.EmbeddingTable, plan: RefreshPlan, model_fp: str) -> dict:
     pm = parent.manifest
-    identity = {"model_fingerprint": model_fp, "data_fingerprint": fingerprint(plan.items["text_sha256"].to_list()),
-                "parent": parent.root.name, **{k: pm[k] for k in ("max_text_tokens", "pooling", "positions")
-                                                if k in pm},
-                "shard_rows": pm.get("shard_rows", 100_000), "format": pm["format"], "dtype": pm["dtype"]}
-    writer = store.ShardWriter(root, pm["format"], pm["dtype"], identity)
+    return {"model_fingerprint": model_fp, "data_fingerprint": fingerprint(plan.items["text_sha256"].to_list()),
+            "parent": parent.root.name, **{k: pm[k] for k in ("max_text_tokens", "pooling", "positions") if k in pm},
+            "shard_rows": pm.get("shard_rows", 100_000), "format": pm["format"], "dtype": pm["dtype"]}
+
+
+def _write_shards(run: Path, writer: store.ShardWriter, parent: store.EmbeddingTable, plan: RefreshPlan,
+                  token_budget: int, device: torch.device, rank: int = 0, world: int = 1) -> dict:
+    """This process's shards of the new version (every world-th, from rank): carried rows copied from the parent
+    as stored (bit-identical), new and changed items embedded (only those of these shards) and converted to the
+    stored dtype. Returns the embedding throughput."""
     idx = plan.items["item_idx"].to_numpy(writable=True)
-    rows = parent.embeddings[torch.from_numpy(np.minimum(idx, parent.embeddings.shape[0] - 1))].clone()
-    embedded_idx, emb, _ = embedded
-    if emb is not None:
-        rows[torch.from_numpy(np.searchsorted(idx, embedded_idx))] = emb.to(rows.dtype)
-    per_shard = int(identity["shard_rows"])
-    for k, start in enumerate(range(0, len(idx), per_shard)):
-        if not writer.is_done(k):
-            writer.write(k, idx[start:start + per_shard], rows[start:start + per_shard])
-    max_idx = max(int(pm.get("max_item_idx", pm["rows"])), int(idx.max(initial=0)))
-    return writer.finish(plan.items, int(pm["dim"]), {"max_item_idx": max_idx, **extra})
+    changed = (plan.items["status"] != "unchanged").to_numpy()
+    per_shard = int(writer.fingerprint["shard_rows"])
+    mine = [(k, start) for k, start in enumerate(range(0, len(idx), per_shard))
+            if k % world == rank and not writer.is_done(k)]
+    todo = sum(int(changed[start:start + per_shard].sum()) for _, start in mine)
+    meter = Throughput()
+    if todo:
+        item_llm, tokenizer, meta = build.load_item_llm(run / "item_llm")
+        item_llm.to(device).eval()
+    from tqdm import tqdm
+
+    with tqdm(total=todo, unit="item", desc="embedding new and changed items",
+              disable=None if rank == 0 else True) as bar:
+        for k, start in mine:
+            end = min(start + per_shard, len(idx))
+            block = parent.embeddings[torch.from_numpy(np.minimum(idx[start:end], parent.embeddings.shape[0] - 1))]
+            block = block.clone()
+            fresh = np.flatnonzero(changed[start:end])
+            if len(fresh):  # embedded shard by shard: the same batches whichever process or rerun does it
+                emb = _embed(item_llm, tokenizer, meta, plan.items[start + fresh], token_budget, meter, bar)
+                block[torch.from_numpy(fresh)] = emb.to(block.dtype)
+            writer.write(k, idx[start:end], block)
+    return meter.rates()
 
 
 def prune(base: Path, keep: int, log=print) -> list[str]:
@@ -290,12 +298,17 @@ def prune(base: Path, keep: int, log=print) -> list[str]:
 
 
 def run_items(config: RefreshItemsConfig, log=print) -> dict:
-    """Refresh the run's item embeddings from the catalogue; returns the summary (also logged)."""
+    """Refresh the run's item embeddings from the catalogue; returns the summary (also logged). Under a
+    multi-process launch each process embeds and writes every num_processes-th shard of the new version."""
     started = time.perf_counter()
     base = config.run / "embeddings"
     data = data_folder(config.run, config.data)
     catalog = read_catalog(config.catalog, text_recipe(data))
-    with JobLock(base, config.wait, log=log):
+    device = device_of(config.device)
+    state = distributed_state(device)
+    rank, world = state.process_index, state.num_processes
+    log = log if rank == 0 else (lambda _: None)
+    with job_lock(base, config.wait, log=log, state=state):
         parent_name = store.current_version(base)
         parent = store.load_embeddings(base / parent_name)
         model_dir = config.run / "item_llm"
@@ -307,7 +320,8 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
             raise UserError(f"{config.catalog}: shares no item_id with version {parent_name} ({old.height:,} items, "
                             f"ids like {old['item_id'][0]!r}); every item would be retired: is it the right file?")
         next_idx = int(parent.manifest.get("max_item_idx", parent.manifest["rows"])) + 1
-        plan = plan_refresh(old, catalog, next_idx, same_model=model_fp == parent.manifest.get("model_fingerprint"))
+        same_model = model_fp == parent.manifest.get("model_fingerprint")
+        plan = plan_refresh(old, catalog, next_idx, same_model=same_model)
         summary = {"parent": parent_name, **plan.counts}
         if plan.is_noop:
             summary.update(version=parent_name, changed_version=False, seconds=round(time.perf_counter() - started, 2))
@@ -318,15 +332,22 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
                                       "items": plan.items.select("item_idx", "text_sha256").rows()})[:12]
         root = base / version
         if not (root / store.MANIFEST).is_file():
-            if plan.count("unchanged") < plan.items.height and model_fp != parent.manifest.get("model_fingerprint"):
+            if not same_model:
                 log("the Item LLM differs from the one that made the current version: re-embedding every item")
-            embedded = _embed_changed(config.run, plan, config.token_budget, device_of(config.device), log)
-            _write_version(root, parent, plan, model_fp, embedded,
-                           {"version": version, "item_llm": str(model_dir), "refresh": plan.counts,
-                            "throughput": embedded[2]})
-        store.publish(base, version)
-        if config.keep is not None:
-            prune(base, config.keep, log=log)
+            writer = store.ShardWriter(root, parent.manifest["format"], parent.manifest["dtype"],
+                                       _version_identity(parent, plan, model_fp), rank=rank)
+            rates = _write_shards(config.run, writer, parent, plan, config.token_budget, device, rank, world)
+            state.wait_for_everyone()
+            if rank == 0:
+                max_idx = max(next_idx - 1, int(plan.items["item_idx"].max() or 0))
+                writer.finish(plan.items, int(parent.manifest["dim"]),
+                              {"max_item_idx": max_idx, "version": version, "item_llm": str(model_dir),
+                               "refresh": plan.counts, "throughput": rates, "processes": world})
+        if rank == 0:
+            store.publish(base, version)
+            if config.keep is not None:
+                prune(base, config.keep, log=log)
+        state.wait_for_everyone()
     summary.update(version=version, changed_version=True, seconds=round(time.perf_counter() - started, 2))
     log(f"refreshed {parent_name} -> {version}: {summary['new']:,} new, {summary['changed']:,} changed, "
         f"{summary['unchanged']:,} unchanged (carried over), {summary['retired']:,} retired; "

@@ -179,7 +179,7 @@ def test_kill_9_at_random_points_never_shows_a_partial_version(base_run, tmp_pat
     refresh.run_items(settings(straight, catalog), log=quiet)
     expected = version_digest(store.version_root(straight))
     run = copy_run(base_run, tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # the thread count of this process: the same floats
     command = [sys.executable, "-m", "pipeline.cli", "refresh", "items", "--catalog", str(catalog), "--run", str(run),
                "device=cpu"]
     rng = random.Random(0)
@@ -518,3 +518,32 @@ def test_eval_after_a_refresh_patches_the_index_and_matches_a_fresh_build(base_r
         saved.unlink()
     fresh = evaluate_run()
     assert "patched_from" not in fresh["protocol"]["index"] and fresh["metrics"] == patched["metrics"]
+
+
+# ---- more than one process ---------------------------------------------------------------------------------------
+
+
+def test_two_processes_write_the_same_shards_as_one(base_run, tmp_path):
+    """The catalogue pass of embed-items and refresh items under torchrun (two CPU processes, gloo): each
+    process writes its own shards, the main one the manifest; the files are the same as one process writes."""
+    root = base_run["root"]
+    catalog = changed_catalog(base_run, tmp_path / "c.csv")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    digests = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m",
+                  "pipeline.cli"]
+        embed = [*launch, "embed-items", f"data={base_run['data']}", f"out={out}", f"item.model={root / 'tiny-bert'}",
+                 "item.pooling=mean", "user.name=llama-tiny", "item.max_text_tokens=16", "finetune=false",
+                 "embed.shard_rows=7", "device=cpu"]
+        # key=value settings: torchrun would take --run for one of its own options
+        for command in (embed, [*launch, "refresh", "items", f"catalog={catalog}", f"run={out}", "device=cpu"]):
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        refreshed = store.version_root(out)
+        digests[procs] = (version_digest(refreshed.parent / refreshed.parent.joinpath(
+            store.read_manifest(refreshed)["parent"]).name), version_digest(refreshed))
+        assert not list(refreshed.glob("progress*.json"))
+    assert digests[1] == digests[2]
+    assert store.read_manifest(store.version_root(tmp_path / "p2"))["processes"] == 2

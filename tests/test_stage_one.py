@@ -413,3 +413,39 @@ def test_gathering_item_rows_has_a_deterministic_gradient():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     assert torch.allclose(grads[0], torch.zeros_like(table).index_add_(0, index.flatten(), weights.reshape(-1, 64)),
                           atol=1e-4)
+
+
+def test_validation_table_is_encoded_in_slices_across_processes(planted, tmp_path):
+    """Under DDP each process runs the Item LLM over its slice of the catalogue for validation's item table, and
+    every process ends with the whole table (the one a single process computes)."""
+    script = tmp_path / "table.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import numpy as np, polars as pl, torch
+import torch.distributed as dist
+from pipeline.models import build
+from pipeline.models.item_sources import TextItems
+from pipeline.models.llm import ItemLLM
+from pipeline.models.tokens import TokenizedCatalogue
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+rows = []
+forward = ItemLLM.forward
+ItemLLM.forward = lambda self, input_ids, *a, **k: (rows.append(input_ids.shape[0]), forward(self, input_ids, *a, **k))[1]
+item_llm, tokenizer = build.build_item_llm({str(planted['bert'])!r}, "pretrained", "mean", 32, log=lambda _: None)
+texts = pl.read_parquet({str(planted['data'] / 'items.parquet')!r}).sort("item_idx")["text"].to_list()
+source = TextItems(item_llm.eval(), TokenizedCatalogue.build(tokenizer, texts, 16), tokenizer, "right", 4096)
+table = source.table()
+torch.save({{"table": table, "rows": sum(rows)}}, sys.argv[1] + f"/rank{{os.environ.get('RANK', 'single')}}.pt")
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for command in ([sys.executable, str(script), str(tmp_path)],
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                     str(tmp_path)]):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, *ranks = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in ("single", "0", "1"))
+    assert single["rows"] == 40 and [r["rows"] for r in ranks] == [20, 20]
+    assert torch.equal(ranks[0]["table"], ranks[1]["table"])
+    torch.testing.assert_close(ranks[0]["table"], single["table"], atol=1e-5, rtol=1e-5)

@@ -32,7 +32,6 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,22 +56,30 @@ def write_shard(path: Path, item_idx: np.ndarray, embedding: torch.Tensor, fmt: 
 
 
 class ShardWriter:
-    """Writes shards of one version as they complete, resumable, and the manifest last."""
+    """Writes shards of one version as they complete, resumable, and the manifest last. Several processes may
+    write the shards of one version (each its own, listed in its own progress-<rank>.json); one of them then
+    writes the manifest."""
 
-    def __init__(self, root: Path, fmt: str, dtype: str, fingerprint: dict) -> None:
+    def __init__(self, root: Path, fmt: str, dtype: str, fingerprint: dict, rank: int = 0) -> None:
         self.root, self.fmt, self.dtype = root, fmt, dtype
-        self.fingerprint = fingerprint
+        self.fingerprint, self.rank = fingerprint, rank
         root.mkdir(parents=True, exist_ok=True)
-        progress = root / PROGRESS
         self.done: dict[str, dict] = {}
-        if progress.is_file():
-            saved = json.loads(progress.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                raise UserError(f"{root}: holds an unfinished job with other settings or another model; "
+        self._collect()
+
+    def _collect(self) -> None:
+        """Every process's finished shards (progress.json: an older single-process job), intact ones only."""
+        for progress in sorted(self.root.glob("progress*.json")):
+            try:
+                saved = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                continue  # written atomically, so never torn; unreadable means not ours: its shards are redone
+            if saved.get("fingerprint") != self.fingerprint:
+                raise UserError(f"{self.root}: holds an unfinished job with other settings or another model; "
                                 "delete the folder or choose another version")
-            # keep only shards whose file is there and intact
             for name, info in saved["shards"].items():
-                if (root / name).is_file() and sha256_file(root / name) == info["sha256"]:
+                if name not in self.done and (self.root / name).is_file() and \
+                        sha256_file(self.root / name) == info["sha256"]:
                     self.done[name] = info
 
     def is_done(self, index: int) -> bool:
@@ -82,7 +89,11 @@ class ShardWriter:
         name = shard_name(index, self.fmt)
         sha = write_shard(self.root / name, item_idx, embedding.to(DTYPES[self.dtype]), self.fmt)
         self.done[name] = {"rows": len(item_idx), "sha256": sha}
-        write_json_atomic(self.root / PROGRESS, {"fingerprint": self.fingerprint, "shards": self.done})
+        mine = {k: v for k, v in self.done.items() if v.get("rank", self.rank) == self.rank}
+        self.done[name]["rank"] = self.rank
+        mine[name] = self.done[name]
+        write_json_atomic(self.root / f"progress-{self.rank}.json", {"fingerprint": self.fingerprint,
+                                                                       "shards": mine})
 
     def finish(self, items: pl.DataFrame, dim: int, extra: dict) -> dict:
         """Write items.parquet (item_idx, item_id, text_sha256 of the embedded items) and, last, the manifest:
@@ -90,7 +101,9 @@ class ShardWriter:
         with atomic_path(self.root / "items.parquet") as tmp:
             columns = ["item_idx", "item_id", "text_sha256"] + (["text"] if "text" in items.columns else [])
             items.select(columns).sort("item_idx").write_parquet(tmp)
-        shards = [{"file": name, **info} for name, info in sorted(self.done.items())]
+        self._collect()  # the other processes' shards
+        shards = [{"file": name, "rows": info["rows"], "sha256": info["sha256"]}
+                  for name, info in sorted(self.done.items())]
         manifest = {
             **self.fingerprint,
             "dim": dim,
@@ -103,7 +116,8 @@ class ShardWriter:
             **extra,
         }
         write_json_atomic(self.root / MANIFEST, manifest)
-        (self.root / PROGRESS).unlink(missing_ok=True)
+        for progress in self.root.glob("progress*.json"):
+            progress.unlink(missing_ok=True)
         return manifest
 
 

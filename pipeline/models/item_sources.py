@@ -70,12 +70,28 @@ class TextItems(ItemSource):
 
     @torch.no_grad()
     def table(self) -> torch.Tensor:
+        """Every item through the Item LLM. Under DDP each process encodes a slice of the catalogue and they
+        exchange the rows (every process must call it, as validation does), instead of each encoding it all."""
+        import torch.distributed as dist
+
         from pipeline.embeddings.encode import embed_items
 
-        out = torch.zeros(self.num_items + 1, self.dim)
-        out[1:] = embed_items(self.item_llm, self.catalogue, np.arange(1, self.num_items + 1), self.token_budget,
-                              self.alignment)
-        return out.to(next(self.item_llm.parameters()).device)
+        device = next(self.item_llm.parameters()).device
+        items = np.arange(1, self.num_items + 1)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        parts = np.array_split(items, world)
+        rank = dist.get_rank() if world > 1 else 0
+        mine = embed_items(self.item_llm, self.catalogue, parts[rank], self.token_budget, self.alignment).to(device)
+        out = torch.zeros(self.num_items + 1, self.dim, device=device)
+        if world == 1:
+            out[1:] = mine
+            return out
+        padded = torch.zeros(len(parts[0]), self.dim, device=device)  # array_split: the first part is the longest
+        padded[:len(mine)] = mine
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        out[1:] = torch.cat([rows[:len(part)] for rows, part in zip(gathered, parts, strict=True)])
+        return out
 
 
 class CachedItems(ItemSource):
