@@ -432,7 +432,10 @@ if "RANK" in os.environ:
     dist.init_process_group("gloo")
 rows = []
 forward = ItemLLM.forward
-ItemLLM.forward = lambda self, input_ids, *a, **k: (rows.append(input_ids.shape[0]), forward(self, input_ids, *a, **k))[1]
+def counted(self, input_ids, *args, **kwargs):
+    rows.append(input_ids.shape[0])
+    return forward(self, input_ids, *args, **kwargs)
+ItemLLM.forward = counted
 item_llm, tokenizer = build.build_item_llm({str(planted['bert'])!r}, "pretrained", "mean", 32, log=lambda _: None)
 texts = pl.read_parquet({str(planted['data'] / 'items.parquet')!r}).sort("item_idx")["text"].to_list()
 source = TextItems(item_llm.eval(), TokenizedCatalogue.build(tokenizer, texts, 16), tokenizer, "right", 4096)
