@@ -393,3 +393,74 @@ def bench_search(out: Path, users: int = 10_000, items: int = 200_000, dim: int 
     write_json_atomic(out, result)
     log(f"agreement: {json.dumps(agreement)}; written to {out}")
     return result
+
+
+def bench_refresh(run: Path, out: Path, fraction: float = 0.01, token_budget: int = 32768, log=print) -> dict:
+    """`refresh items` after editing `fraction` of the item texts, against the full catalogue pass's embedding
+    time (the same Item LLM over every item, the embedding job's batching), on a copy of `run` (item_llm/ and
+    the current embeddings version); checks that only the edited items went through the Item LLM and that every
+    other row was carried over bit-identical."""
+    import shutil
+    import tempfile
+
+    from pipeline import config as cfg
+    from pipeline.embeddings import store
+    from pipeline.models.llm import ItemLLM
+    from stages import refresh
+
+    if not 0 < fraction <= 1:
+        raise UserError(f"bench refresh: --fraction {fraction}: must be in (0, 1]")
+    version = store.version_root(run)
+    data = refresh.data_folder(run, None)
+    recipe = refresh.text_recipe(data)
+    items = pl.read_parquet(data / "items.parquet").sort("item_idx")
+    n = items.height
+    step = max(1, round(1 / fraction))
+    edited = items["item_idx"].to_numpy() % step == 0
+    with tempfile.TemporaryDirectory(prefix="hllm-bench-refresh-") as tmp:
+        copy = Path(tmp) / "run"
+        (copy / "embeddings").mkdir(parents=True)
+        shutil.copytree(run / "item_llm", copy / "item_llm")
+        shutil.copytree(version, copy / "embeddings" / version.name)
+        (copy / "embeddings" / "CURRENT").write_text(version.name + "\n")
+        key = recipe.text_keys[0]
+        catalog = items.select("item_id", *recipe.text_keys).with_columns(
+            pl.when(pl.Series(edited)).then(pl.col(key).cast(pl.String) + " (edited)").otherwise(pl.col(key))
+            .alias(key))
+        catalog.write_parquet(Path(tmp) / "catalog.parquet")
+        item_llm, tokenizer, meta = build.load_item_llm(copy / "item_llm")
+        catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), int(meta["max_text_tokens"]))
+        log(f"full pass: embedding {n:,} items")
+        full_s, _ = _timed(lambda: embed_items(item_llm.eval(), catalogue, np.arange(1, n + 1), token_budget,
+                                               meta.get("positions", "right")), 1)
+        calls = []
+        forward = ItemLLM.forward
+        ItemLLM.forward = lambda self, input_ids, *a, **k: (calls.append(int(input_ids.shape[0])),
+                                                            forward(self, input_ids, *a, **k))[1]
+        try:
+            conf = cfg.load(refresh.RefreshItemsConfig, None, [f"catalog={Path(tmp) / 'catalog.parquet'}",
+                                                               f"run={copy}", f"data={data}", "device=cpu",
+                                                               f"token_budget={token_budget}"])
+            start = time.perf_counter()
+            summary = refresh.run_items(conf, log=log)
+            refresh_s = time.perf_counter() - start
+        finally:
+            ItemLLM.forward = forward
+        new = store.load_embeddings(store.version_root(copy))
+        old = store.load_embeddings(version)
+        kept = torch.from_numpy(items["item_idx"].to_numpy()[~edited])
+        identical = bool(torch.equal(new.embeddings[kept], old.embeddings[kept]))
+        embed_s = store.read_manifest(new.root)["throughput"]["seconds"]
+    result = {"benchmark": "refresh items", "machine": machine(), "run": str(run), "version": version.name,
+              "items": n, "edited": int(edited.sum()), "fraction": round(float(edited.mean()), 4),
+              "item_llm_rows": sum(calls), "carried_rows_bit_identical": identical, "summary": summary,
+              "full_pass_embedding_s": round(full_s, 3), "refresh_embedding_s": round(embed_s, 3),
+              "refresh_job_s": round(refresh_s, 3),
+              "refresh_embedding_vs_full_pass": round(embed_s / full_s, 4),
+              "refresh_job_vs_full_pass": round(refresh_s / full_s, 4),
+              "note": "the job's time beyond embedding: reading the catalogue, loading and checking the parent "
+                      "version, loading the Item LLM, writing and hashing the new shards"}
+    write_json_atomic(out, result)
+    log(f"refresh of {result['edited']:,}/{n:,} items: embedding {embed_s:.2f}s = "
+        f"{result['refresh_embedding_vs_full_pass']:.1%} of the full pass's {full_s:.1f}s; whole job {refresh_s:.1f}s")
+    return result

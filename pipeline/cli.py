@@ -147,6 +147,19 @@ def bench_train(
               batch_positions, steps, peak_tflops=peak_tflops, log=_log)
 
 
+@bench_app.command("refresh")
+def bench_refresh(
+    run: Annotated[Path, typer.Option(help="Run folder with item_llm/ and embeddings/ (it is copied, not changed).")
+                   ] = Path("artifacts/ml-1m"),
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench/results/refresh-cpu.json"),
+    fraction: Annotated[float, typer.Option(help="Share of the item texts edited.")] = 0.01,
+) -> None:
+    """`refresh items` after editing a share of the item texts, against the full catalogue pass's embedding time."""
+    from bench.benchmarks import bench_refresh as run_bench
+
+    run_bench(run, out, fraction, log=_log)
+
+
 @bench_app.command("search")
 def bench_search(
     out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench/results/search-cpu.json"),

@@ -164,6 +164,12 @@ def row_digests(items: np.ndarray) -> np.ndarray:
         return (words * weights).sum(axis=1, dtype=np.uint64) ^ (words.sum(axis=1, dtype=np.uint64) << np.uint64(32))
 
 
+def _row_keys(ids: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """One uint64 per (item_idx, row digest) pair."""
+    with np.errstate(over="ignore"):
+        return digests ^ (np.asarray(ids).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+
+
 def build_faiss_index(items: np.ndarray, kind: str, ivf_lists: int, hnsw_m: int, seed: int,
                       ids: np.ndarray | None = None):
     """An index over normalised items (N, d) by inner product, labelled by `ids` (their item_idx; default
@@ -226,18 +232,23 @@ def cached_faiss_index(items: np.ndarray, kind: str, folder: Path, key: dict, iv
     digests = row_digests(items)
     settings = {k: v for k, v in key.items() if k not in ("items_sha256", "shape")}
     index, info = None, {}
+    # the parent's index with the same settings that shares the most rows (the same model scored them); one that
+    # shares fewer than half is not worth patching
+    best, shared = None, len(ids) // 2
     for meta_path in sorted(parent_folder.glob(f"{kind}-*.json")) if parent_folder and parent_folder.is_dir() else []:
         meta = json.loads(meta_path.read_text())
         old_path, rows_path = meta_path.with_suffix(".faiss"), meta_path.with_suffix(".rows.npz")
         if meta.get("settings") != settings or not old_path.is_file() or not rows_path.is_file():
             continue
         rows = np.load(rows_path)
-        patched = patch_faiss_index(faiss.read_index(str(old_path)), kind, (rows["ids"], rows["digests"]),
-                                    (ids, digests), items)
+        same = len(np.intersect1d(_row_keys(rows["ids"], rows["digests"]), _row_keys(ids, digests)))
+        if same > shared:
+            best, shared = (old_path, rows["ids"], rows["digests"]), same
+    if best is not None:
+        patched = patch_faiss_index(faiss.read_index(str(best[0])), kind, (best[1], best[2]), (ids, digests), items)
         if patched is not None:
-            index, info = patched[0], {"patched_from": str(old_path), **patched[1]}
-            log(f"index: patched {old_path} ({info['removed']:,} removed, {info['added']:,} added)")
-            break
+            index, info = patched[0], {"patched_from": str(best[0]), **patched[1]}
+            log(f"index: patched {best[0]} ({info['removed']:,} removed, {info['added']:,} added)")
     if index is None:
         index = build_faiss_index(items, kind, ivf_lists, hnsw_m, seed, ids)
         log(f"index: built faiss {kind} over {items.shape[0]:,} items x {items.shape[1]} in "
