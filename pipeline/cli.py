@@ -222,6 +222,8 @@ def _run_recommend(conf) -> None:
 
 def _run_eval(conf) -> None:
     report = stage_eval.run(conf, log=_log)
+    if report is None:  # not the main process of a multi-process launch
+        return
     typer.echo(stage_eval.format_table(report))
     typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
                                                       else ""))

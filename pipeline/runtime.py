@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
@@ -24,3 +25,17 @@ def distributed_state(device: torch.device):
     from accelerate import PartialState
 
     return PartialState(cpu=device.type == "cpu")
+
+
+def my_share(n: int, state) -> np.ndarray:
+    """This process's contiguous share of positions 0..n-1 (all of them in a single process)."""
+    return np.array_split(np.arange(n), state.num_processes)[state.process_index]
+
+
+def gather_rows(local: np.ndarray, state) -> np.ndarray:
+    """Every process's `local` rows (its my_share), concatenated in process order, on every process."""
+    if state.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    return np.concatenate(gather_object([local]))

@@ -77,6 +77,13 @@ class Masked:
         return Masked(offsets, np.concatenate([np.concatenate([mine, items]) for mine in own]) if len(own) else
                       self.items)
 
+    def subset(self, users: np.ndarray) -> Masked:
+        """The masks of `users` only, in that order."""
+        counts = self.counts[users]
+        offsets = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return Masked(offsets, self.items[np.repeat(self.offsets[users], counts) + concat_ranges(counts)])
+
     def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row in `users`, item) of every masked pair of those users, vectorised."""
         counts = self.counts[users]

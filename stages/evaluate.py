@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
 from pipeline.metrics import MISS, metrics_from_ranks
 from pipeline.models import build
-from pipeline.runtime import device_of
+from pipeline.runtime import device_of, distributed_state, gather_rows, my_share
 from pipeline.search import (
     FaissSearch,
     Masked,
@@ -131,7 +131,7 @@ def _ivf_lists(config: EvalConfig, n_items: int) -> int:
 
 
 def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, device: torch.device, log=print,
-                  ids: np.ndarray | None = None, parent_folder: Path | None = None):
+                  ids: np.ndarray | None = None, parent_folder: Path | None = None, save: bool = True):
     """The searcher the settings ask for over `items` (their item_idx: `ids`, default 1..N), and a description
     of the index for the protocol card. A saved index of the parent version (`parent_folder`) is patched."""
     faiss = import_faiss()
@@ -153,7 +153,8 @@ def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, dev
     key = {"items_sha256": hashlib.sha256(items.tobytes()).hexdigest(), "shape": list(items.shape),
            "kind": config.index, **build_settings}
     index, info = cached_faiss_index(items, config.index, index_folder, key, lists, config.hnsw_m, config.seed,
-                                     save=config.save_index, log=log, ids=ids, parent_folder=parent_folder)
+                                     save=config.save_index and save, log=log, ids=ids,
+                                     parent_folder=parent_folder)
     searcher = FaissSearch(index, config.index, config.ivf_probe, config.hnsw_ef_search,
                            use_gpu=device.type == "cuda", max_id=int(ids.max(initial=0)) if ids is not None else None)
     search_settings = {"ivf_probe": config.ivf_probe} if config.index == "ivf" else (
@@ -214,8 +215,10 @@ def _markdown(report: dict) -> str:
             + f"\n\nProtocol:\n\n{card}\n")
 
 
-def run(config: EvalConfig, log=print) -> dict:
-    """Evaluate the run's User LLM (or popularity) on the split; writes the report and returns it."""
+def run(config: EvalConfig, log=print) -> dict | None:
+    """Evaluate the run's User LLM (or popularity) on the split; writes the report and returns it. Under a
+    multi-process launch each process computes the vectors and top-K of a share of the users and the main one
+    writes the report (the others return None)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     data = config.data or config.run / "data"
@@ -279,7 +282,10 @@ def run(config: EvalConfig, log=print) -> dict:
         log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
             f"targets, histories of up to {max_len} items")
         start = time.perf_counter()
-        vectors = user_vectors(model, table, examples, max_len)
+        state = distributed_state(device)  # under torchrun: each process scores a share of the users
+        mine = my_share(len(examples), state)
+        log = log if state.is_main_process else (lambda _: None)
+        vectors = user_vectors(model, table, examples.subset(mine), max_len)
         if not torch.isfinite(vectors).all():
             raise RuntimeError("the User LLM produced NaN or infinite user vectors")
         queries = normalise(vectors)
@@ -291,17 +297,25 @@ def run(config: EvalConfig, log=print) -> dict:
         start = time.perf_counter()
         parent = read_manifest(root).get("parent") if root is not None else None
         searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log,
-                                             ids=ids, parent_folder=root.parent / parent / "index" if parent else None)
+                                             ids=ids, parent_folder=root.parent / parent / "index" if parent else None,
+                                             save=state.is_main_process)
         timings["index_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        _, top_items = masked_topk(searcher, queries, masked, k_max, config.batch_size)
+        my_masked = masked.subset(mine)
+        _, top_items = masked_topk(searcher, queries, my_masked, k_max, config.batch_size)
         timings["search_s"] = time.perf_counter() - start
-        timings["users_per_s"] = len(examples) / max(timings["search_s"], 1e-9)
-        ranks = ranks_in_topk(top_items, examples.targets)
+        timings["users_per_s"] = len(mine) * state.num_processes / max(timings["search_s"], 1e-9)
+        ranks = gather_rows(ranks_in_topk(top_items, examples.targets[mine]), state)
         if not searcher.exact:
-            _, exact_items = masked_topk(TorchSearch(items, device, ids), queries, masked, k_max, config.batch_size)
+            _, exact_items = masked_topk(TorchSearch(items, device, ids), queries, my_masked, k_max,
+                                         config.batch_size)
+            top_items, exact_items = gather_rows(top_items, state), gather_rows(exact_items, state)
             extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
             extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
+        if state.num_processes > 1:
+            timings["processes"] = state.num_processes
+        if not state.is_main_process:  # the main process writes the report
+            return None
         protocol["model"] = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})",
                              "user_llm": str(path), "items": build.saved_item_source(path),
                              "fingerprint": folder_sha256(path)[:16],

@@ -31,9 +31,9 @@ from pipeline.data.sequences import EvalExamples
 from pipeline.embeddings import store
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir, fingerprint, folder_sha256, sha256_file, write_json_atomic, write_text_atomic
-from pipeline.lock import JobLock
+from pipeline.lock import job_lock
 from pipeline.models import build
-from pipeline.runtime import device_of
+from pipeline.runtime import device_of, distributed_state, gather_rows, my_share
 from pipeline.search import normalise
 from stages.evaluate import user_llm_dir
 from stages.refresh import data_folder, text_recipe, version_items
@@ -164,11 +164,14 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     since = parse_since(config.since) if config.since is not None else None
     data = data_folder(config.run, config.data)
     base = config.run / "users"
-    with JobLock(base, config.wait, log=log):
+    device = device_of(config.device)
+    state = distributed_state(device)  # under torchrun: each process computes a share of the vectors
+    log = log if state.is_main_process else (lambda _: None)
+    with job_lock(base, config.wait, log=log, state=state):
         path = user_llm_dir(config.run, config.user_llm)
         model, table, _, meta, root = load_scorer(config.run, path)
-        model.to(device_of(config.device))
-        table = table.to(device_of(config.device))
+        model.to(device)
+        table = table.to(device)
         known = (version_items(root, data) if root is not None else
                  pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id"]))
         known = known.select("item_id", pl.col("item_idx").cast(pl.Int64))
@@ -197,17 +200,22 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
                    "carried": int((~active).sum()), "rejected_rows": rejected.height if rejected is not None else 0}
         max_len = config.max_len or int(meta.get("max_len", 200))
         chosen = np.flatnonzero(active)
-        vectors = torch.zeros(histories.height, table.shape[1])
-        if len(chosen):
-            from tqdm import tqdm
+        log(f"user vectors: {len(chosen):,} users with histories of up to {max_len} items")
+        mine = chosen[my_share(len(chosen), state)]
+        computed = np.zeros((len(mine), table.shape[1]), dtype=np.float32)
+        from tqdm import tqdm
 
-            log(f"user vectors: {len(chosen):,} users with histories of up to {max_len} items")
-            with tqdm(total=len(chosen), unit="user", desc="user vectors", disable=None) as bar:
-                for start in range(0, len(chosen), 4096):
-                    part = chosen[start:start + 4096]
-                    raw = user_vectors(model, table, _examples(histories[part]), max_len)
-                    vectors[torch.from_numpy(part)] = torch.from_numpy(normalise(raw))
-                    bar.update(len(part))
+        with tqdm(total=len(mine), unit="user", desc="user vectors", disable=None if state.is_main_process
+                  else True) as bar:
+            for start in range(0, len(mine), 4096):
+                raw = user_vectors(model, table, _examples(histories[mine[start:start + 4096]]), max_len)
+                computed[start:start + 4096] = normalise(raw)
+                bar.update(min(4096, len(mine) - start))
+        vectors = torch.zeros(histories.height, table.shape[1])
+        vectors[torch.from_numpy(chosen)] = torch.from_numpy(gather_rows(computed, state))
+        if not state.is_main_process:  # the main process writes the version
+            state.wait_for_everyone()
+            return {**summary, "changed_version": True}
         if previous is not None and (~active).any():
             old_rows = dict(zip(previous[0]["user_id"].to_list(), range(previous[0].height), strict=True))
             keep = np.flatnonzero(~active)
@@ -229,6 +237,7 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
                 "files": {name: sha256_file(out / name) for name in files},
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_text_atomic(base / "CURRENT", version + "\n")
+        state.wait_for_everyone()
     summary.update(changed_version=True, seconds=round(time.perf_counter() - started, 2))
     log(f"user vectors {version}: {summary['refreshed']:,} refreshed, {summary['carried']:,} carried over, "
         f"{summary['rejected_rows']:,} rejected rows; {summary['seconds']:.1f}s")

@@ -547,3 +547,31 @@ def test_two_processes_write_the_same_shards_as_one(base_run, tmp_path):
         assert not list(refreshed.glob("progress*.json"))
     assert digests[1] == digests[2]
     assert store.read_manifest(store.version_root(tmp_path / "p2"))["processes"] == 2
+
+
+def test_eval_and_user_vectors_split_users_across_processes(base_run, tmp_path):
+    """eval and refresh users under torchrun: each process scores a share of the users; the main process writes
+    the same report and vectors as one process (up to float rounding from other batch compositions)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    results = {}
+    for procs in (1, 2):
+        run = copy_run(base_run, tmp_path / f"p{procs}")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m",
+                  "pipeline.cli"]
+        for command in ([*launch, "eval", f"run={run}", f"data={base_run['data']}", "user_llm=stage-one",
+                         "device=cpu", "search=torch", "per_user_ranks=true"],
+                        [*launch, "refresh", "users", f"run={run}", "all=true", "device=cpu"]):
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        reports = sorted((run / "reports").glob("eval-*.json"))
+        assert len(reports) == 1  # one report, from the main process
+        from stages import users
+
+        results[procs] = (json.loads(reports[0].read_text()),
+                          users._load_users(run / "users" / store.current_version(run / "users")))
+    (one, (frame1, vectors1, _)), (two, (frame2, vectors2, _)) = results[1], results[2]
+    assert two["users"] == one["users"] == 120 and two["timings"]["processes"] == 2
+    for name, value in one["metrics"].items():
+        assert abs(two["metrics"][name] - value) <= 1 / 120 + 1e-12, name  # at most one user's rank moves
+    assert frame1.equals(frame2)
+    torch.testing.assert_close(vectors2, vectors1, atol=1e-5, rtol=1e-5)
