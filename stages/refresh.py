@@ -258,10 +258,10 @@ def _write_shards(run: Path, writer: store.ShardWriter, parent: store.EmbeddingT
     mine = [(k, start) for k, start in enumerate(range(0, len(idx), per_shard))
             if k % world == rank and not writer.is_done(k)]
     todo = sum(int(changed[start:start + per_shard].sum()) for _, start in mine)
-    meter = Throughput()
     if todo:
         item_llm, tokenizer, meta = build.load_item_llm(run / "item_llm")
         item_llm.to(device).eval()
+    meter = Throughput()  # embedding time: from here
     from tqdm import tqdm
 
     with tqdm(total=todo, unit="item", desc="embedding new and changed items",
