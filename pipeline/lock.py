@@ -100,15 +100,17 @@ def job_lock(folder: Path, wait: float | None = 0, log=print, state=None):
         return
     import torch.distributed as dist
 
-    lock, outcome = JobLock(folder, wait, log=log), [None]
+    lock, outcome, failure = JobLock(folder, wait, log=log), [None], None
     if state.is_main_process:
         try:
             lock.__enter__()
-        except UserError as e:
-            outcome = [str(e)]
+        except BaseException as e:  # whatever stops the main process must stop the others, not leave them waiting
+            outcome, failure = [str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"], e
     dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     if outcome[0] is not None:
-        raise UserError(outcome[0])
+        raise UserError(f"the main process could not take the lock: {outcome[0]}")
     try:
         yield
     finally:

@@ -136,7 +136,8 @@ class FaissSearch:
         gpu_ok = kind == "flat" or (kind == "ivf" and ivf_probe <= GPU_MAX_K)  # no HNSW on GPU
         if use_gpu and gpu_ok and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self.gpu_resources = faiss.StandardGpuResources()
-            self.gpu_index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
+            gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this process's GPU
+            self.gpu_index = faiss.index_cpu_to_gpu(self.gpu_resources, gpu, index)
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         index = self.gpu_index if self.gpu_index is not None and depth <= GPU_MAX_K else self.index
@@ -151,11 +152,13 @@ class PopularitySearch:
 
     kind, backend, exact, ties_ordered = "popularity", "numpy", True, True  # the order already breaks ties
 
-    def __init__(self, counts: np.ndarray) -> None:
-        counts = np.asarray(counts, dtype=np.int64)[1:]  # (N,) items 1..N
-        self.num_items = len(counts)
-        self.order = np.lexsort((np.arange(self.num_items), -counts)) + 1  # item_idx, most popular first
-        self.scores = counts[self.order - 1].astype(np.float64)  # exact for any count
+    def __init__(self, counts: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """counts (N+1,) per item_idx; ids: the items that may be recommended (default 1..N)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        ids = np.arange(1, len(counts), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        self.num_items, self.max_id = len(ids), int(ids.max(initial=0))
+        self.order = ids[np.lexsort((ids, -counts[ids]))]  # item_idx, most popular first
+        self.scores = counts[self.order].astype(np.float64)  # exact for any count
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         b = len(queries)

@@ -178,15 +178,21 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     log = log if rank == 0 else (lambda _: None)
     with job_lock(config.out / "embeddings", wait=0, log=log, state=state):  # no refresh job may meet this one
+        current = config.out / "embeddings" / "CURRENT"
         if (root / "manifest.json").is_file():
             log(f"embeddings {version} already complete in {root}")
+            if current.is_file() and current.read_text().strip() != version:
+                log(f"note: CURRENT stays at {current.read_text().strip()} (a refresh made it from this version); "
+                    f"`hllm-pipeline refresh rollback {version} --run {config.out}` goes back to it")
+                return root
         else:
             writer = ShardWriter(root, e.format, e.dtype, identity, rank=rank)
             rates = _write_shards(config, item_llm, catalogue, writer, rank, world)
             if state is not None:
                 state.wait_for_everyone()
             if rank == 0:
-                manifest = writer.finish(items, item_llm.dim, {"version": version, "parent": None,
+                manifest = writer.finish(items, item_llm.dim, shards=math.ceil(catalogue.num_items / e.shard_rows),
+                                         extra={"version": version, "parent": None,
                                                                "max_item_idx": catalogue.num_items, "item_llm":
                                                                str(config.out / "item_llm"), "throughput": rates,
                                                                "processes": world})

@@ -221,6 +221,8 @@ def run(config: EvalConfig, log=print) -> dict | None:
     writes the report (the others return None)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    state = distributed_state(device_of(config.device))
+    log = log if state.is_main_process else (lambda _: None)
     data = config.data or config.run / "data"
     seqs = UserSequences.load(data)
     examples = eval_examples(seqs, config.split)
@@ -241,10 +243,10 @@ def run(config: EvalConfig, log=print) -> dict | None:
     masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
                                    config.window)
     never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=n_items + 1)[1:] == 0) + 1
-    excluded = np.union1d(absent, never_seen) if config.candidates == "interacted" else absent
-    if len(excluded):
-        masked = masked.plus(excluded)
-    n_candidates = n_items - len(excluded)
+    live = np.setdiff1d(np.arange(1, n_items + 1), absent)  # retired items are in no index: never recommended
+    if config.candidates == "interacted" and len(np.setdiff1d(never_seen, absent)):
+        masked = masked.plus(np.setdiff1d(never_seen, absent))
+    n_candidates = len(np.setdiff1d(live, never_seen)) if config.candidates == "interacted" else len(live)
     train_counts = np.bincount(seqs.prefix(2).items, minlength=n_items + 1)
     k_max = max(config.k)
     stats_path = data / "stats.json"
@@ -258,11 +260,13 @@ def run(config: EvalConfig, log=print) -> dict | None:
         protocol["retired_items"] = len(absent)
     if max(config.k) > n_items:
         protocol["note"] = f"K above the catalogue size ({n_items}): every item fits in the top K"
-    popularity = PopularitySearch(train_counts)
+    popularity = PopularitySearch(train_counts, live)
     floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), masked, k_max,
                                             config.batch_size)[1], examples.targets)
     extra: dict = {}  # what only some evaluations report
     if config.model == "popularity":
+        if not state.is_main_process:  # every process could rank them all; the main one reports
+            return None
         ranks = floor_ranks
         protocol["model"] = {"name": "popularity", "counts": "training interactions (leave-one-out train part)"}
         protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
@@ -282,15 +286,13 @@ def run(config: EvalConfig, log=print) -> dict | None:
         log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
             f"targets, histories of up to {max_len} items")
         start = time.perf_counter()
-        state = distributed_state(device)  # under torchrun: each process scores a share of the users
-        mine = my_share(len(examples), state)
-        log = log if state.is_main_process else (lambda _: None)
+        mine = my_share(len(examples), state)  # under torchrun: each process scores a share of the users
         vectors = user_vectors(model, table, examples.subset(mine), max_len)
         if not torch.isfinite(vectors).all():
             raise RuntimeError("the User LLM produced NaN or infinite user vectors")
         queries = normalise(vectors)
         timings["user_vectors_s"] = time.perf_counter() - start
-        ids = np.setdiff1d(np.arange(1, n_items + 1), absent)  # the items this version holds
+        ids = live
         items = normalise(table[torch.from_numpy(ids)].cpu())  # (N', D)
         if not np.isfinite(items).all():
             raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")

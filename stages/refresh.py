@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ import torch
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import fingerprint, folder_sha256
+from pipeline.io import atomic_path, fingerprint, folder_sha256
 from pipeline.lock import JobLock, job_lock
 from pipeline.models import build
 from pipeline.models.tokens import TokenizedCatalogue
@@ -206,18 +207,39 @@ def version_items(root: Path, data: Path) -> pl.DataFrame:
     return items.select("item_idx", pl.col("item_id").cast(pl.String), "text_sha256")
 
 
-def plan_refresh(old: pl.DataFrame, catalog: pl.DataFrame, next_idx: int, same_model: bool) -> RefreshPlan:
-    """Compare the catalogue with the parent version: new items get item_idx next_idx, next_idx + 1, ... in
-    catalogue order; every item is re-embedded when the Item LLM changed."""
+REGISTRY = "item_ids.parquet"
+"""embeddings/item_ids.parquet: every (item_id, item_idx) pair the run has ever used, so a value is never given
+to another item (after a rollback, say) and an item that comes back gets its old value."""
+
+
+def id_registry(base: Path, data: Path) -> pl.DataFrame:
+    """item_id, item_idx of every item the run has used: the registry, or (before the first refresh wrote one)
+    the canonical tables' and every finished version's items."""
+    if (base / REGISTRY).is_file():
+        return pl.read_parquet(base / REGISTRY)
+    parts = [pl.read_parquet(data / "items.parquet", columns=["item_id", "item_idx"])]
+    parts += [version_items(base / v, data).select("item_id", "item_idx") for v in store.finished_versions(base)]
+    return pl.concat([p.select(pl.col("item_id").cast(pl.String), pl.col("item_idx").cast(pl.Int64)) for p in parts]
+                     ).unique(subset="item_id", keep="first", maintain_order=True)
+
+
+def plan_refresh(old: pl.DataFrame, catalog: pl.DataFrame, registry: pl.DataFrame, same_model: bool
+                 ) -> RefreshPlan:
+    """Compare the catalogue with the parent version. A new item takes the item_idx the registry holds for it
+    (an item that comes back) or the next unused one, in catalogue order; every item is re-embedded when the
+    Item LLM changed."""
     joined = catalog.join(old.rename({"text_sha256": "old_sha"}), on="item_id", how="left", maintain_order="left")
     status = (pl.when(pl.col("item_idx").is_null()).then(pl.lit("new"))
               .when((pl.col("old_sha") == pl.col("text_sha256")) & same_model).then(pl.lit("unchanged"))
               .otherwise(pl.lit("changed")))
-    joined = joined.with_columns(status.alias("status"))
-    is_new = (pl.col("status") == "new").cast(pl.Int64)
+    joined = joined.with_columns(status.alias("status")).join(
+        registry.rename({"item_idx": "known_idx"}), on="item_id", how="left", maintain_order="left")
+    unseen = ((pl.col("status") == "new") & pl.col("known_idx").is_null()).cast(pl.Int64)
+    next_idx = max(int(registry["item_idx"].max() or 0), int(old["item_idx"].max() or 0)) + 1
     joined = joined.with_columns(
-        pl.when(pl.col("status") == "new").then(next_idx - 1 + is_new.cum_sum()).otherwise(pl.col("item_idx"))
-        .cast(pl.Int64).alias("item_idx"))
+        pl.when(pl.col("status") != "new").then(pl.col("item_idx"))
+        .when(pl.col("known_idx").is_not_null()).then(pl.col("known_idx"))
+        .otherwise(next_idx - 1 + unseen.cum_sum()).cast(pl.Int64).alias("item_idx"))
     items = joined.select("item_idx", "item_id", "text", "text_sha256", "status").sort("item_idx")
     retired = old.join(catalog.select("item_id"), on="item_id", how="anti").select("item_idx", "item_id")
     return RefreshPlan(items, retired.sort("item_idx"))
@@ -319,9 +341,9 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
         if old.join(catalog, on="item_id", how="semi").height == 0 and old.height:
             raise UserError(f"{config.catalog}: shares no item_id with version {parent_name} ({old.height:,} items, "
                             f"ids like {old['item_id'][0]!r}); every item would be retired: is it the right file?")
-        next_idx = int(parent.manifest.get("max_item_idx", parent.manifest["rows"])) + 1
         same_model = model_fp == parent.manifest.get("model_fingerprint")
-        plan = plan_refresh(old, catalog, next_idx, same_model=same_model)
+        registry = id_registry(base, data)
+        plan = plan_refresh(old, catalog, registry, same_model=same_model)
         summary = {"parent": parent_name, **plan.counts}
         if plan.is_noop:
             summary.update(version=parent_name, changed_version=False, seconds=round(time.perf_counter() - started, 2))
@@ -329,7 +351,8 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
                 f"items, none new, changed or retired)")
             return summary
         version = "v-" + fingerprint({"parent": parent_name, "model": model_fp,
-                                      "items": plan.items.select("item_idx", "text_sha256").rows()})[:12]
+                                      "items": plan.items.select("item_idx", "item_id", "text_sha256").rows()}
+                              )[:12]
         root = base / version
         if not (root / store.MANIFEST).is_file():
             if not same_model:
@@ -339,11 +362,16 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
             rates = _write_shards(config.run, writer, parent, plan, config.token_budget, device, rank, world)
             state.wait_for_everyone()
             if rank == 0:
-                max_idx = max(next_idx - 1, int(plan.items["item_idx"].max() or 0))
+                max_idx = max(int(registry["item_idx"].max() or 0), int(plan.items["item_idx"].max() or 0))
                 writer.finish(plan.items, int(parent.manifest["dim"]),
                               {"max_item_idx": max_idx, "version": version, "item_llm": str(model_dir),
-                               "refresh": plan.counts, "throughput": rates, "processes": world})
+                               "refresh": plan.counts, "throughput": rates, "processes": world},
+                              shards=math.ceil(plan.items.height / int(writer.fingerprint["shard_rows"])))
         if rank == 0:
+            known = pl.concat([registry, plan.items.select("item_id", "item_idx")]).unique(
+                subset="item_id", keep="first", maintain_order=True)
+            with atomic_path(base / REGISTRY) as tmp:  # before CURRENT moves: no value is ever handed out twice
+                known.write_parquet(tmp)
             store.publish(base, version)
             if config.keep is not None:
                 prune(base, config.keep, log=log)

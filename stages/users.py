@@ -115,7 +115,11 @@ def _new_interactions(path: Path, item_ids: pl.DataFrame) -> tuple[pl.DataFrame,
 
 
 def _histories(data: Path, new: pl.DataFrame | None) -> pl.DataFrame:
-    """Every user's items in order: user_id, seen (item_idx list), times (list), last_timestamp."""
+    """Every user's items in order: user_id, seen (item_idx list), times (list), last_timestamp. `new`: the
+    interactions added since the canonical tables (user_id, item_idx, timestamp, order)."""
+    for name in ("users.parquet", "interactions.parquet"):
+        if not (data / name).is_file():
+            raise UserError(f"{data / name}: not found; pass data=<the run's canonical tables>")
     users = pl.read_parquet(data / "users.parquet", columns=["user_idx", "user_id"])
     old = pl.read_parquet(data / "interactions.parquet", columns=["user_idx", "item_idx", "timestamp", "source_row"])
     old = old.join(users, on="user_idx").select("user_id", pl.col("item_idx").cast(pl.Int64), "timestamp",
@@ -177,28 +181,41 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
         known = known.select("item_id", pl.col("item_idx").cast(pl.Int64))
         new, rejected = (_new_interactions(config.interactions, known) if config.interactions is not None
                          else (None, None))
-        histories = _histories(data, new)
+        max_len = config.max_len or int(meta.get("max_len", 200))
         inputs = {"user_llm": folder_sha256(path), "embeddings": root.name if root else None,
-                  "data": sha256_file(data / "interactions.parquet"), "since": since,
+                  "data": sha256_file(data / "interactions.parquet"), "since": since, "max_len": max_len,
                   "interactions": sha256_file(config.interactions) if config.interactions else None}
-        parent = store.current_version(base) if (base / "CURRENT").is_file() else None
-        previous = _load_users(base / parent) if parent else None
+        parent = store.current_version(base, hint=USERS_HINT) if (base / "CURRENT").is_file() else None
+        try:
+            previous = _load_users(base / parent) if parent else None
+        except UserError as e:
+            if not config.all:
+                raise
+            log(f"note: {e}; computing every user's vector anew")
+            previous = None
+        # the interactions added so far (every earlier run's file, kept in the version) and this run's
+        added = pl.concat([p for p in (previous[3] if previous is not None else None,
+                                       new.select("user_id", "item_idx", "timestamp") if new is not None else None)
+                           if p is not None and p.height] or [ADDED_SCHEMA.clear()])
+        added = added.unique(maintain_order=True).with_row_index("order")  # an event delivered twice counts once
+        histories = _histories(data, added)
         if previous is not None and previous[2].get("inputs") == inputs:
             log(f"nothing to do: user vectors {parent} were made from these interactions and this model")
             return {"parent": parent, "version": parent, "changed_version": False}
         same_scorer = previous is not None and all(previous[2]["inputs"].get(k) == inputs[k]
-                                                   for k in ("user_llm", "embeddings"))
+                                                   for k in ("user_llm", "embeddings", "max_len"))
         if since is None or not same_scorer:
             active = np.ones(histories.height, dtype=bool)
             if since is not None:
-                log("no earlier user vectors from this User LLM and these embeddings: computing every user's")
+                log("no earlier user vectors from this User LLM, embeddings and length: computing every user's")
         else:
             known_users = histories["user_id"].is_in(previous[0]["user_id"].implode()).to_numpy()
-            active = (histories["last_timestamp"].to_numpy() >= since) | ~known_users
+            in_file = histories["user_id"].is_in(new["user_id"].implode()).to_numpy() if new is not None else \
+                np.zeros(histories.height, dtype=bool)  # late events too (their time may be before `since`)
+            active = (histories["last_timestamp"].to_numpy() >= since) | ~known_users | in_file
         version = "u-" + fingerprint({"parent": parent, **inputs})[:12]
         summary = {"parent": parent, "version": version, "users": histories.height, "refreshed": int(active.sum()),
                    "carried": int((~active).sum()), "rejected_rows": rejected.height if rejected is not None else 0}
-        max_len = config.max_len or int(meta.get("max_len", 200))
         chosen = np.flatnonzero(active)
         log(f"user vectors: {len(chosen):,} users with histories of up to {max_len} items")
         mine = chosen[my_share(len(chosen), state)]
@@ -226,12 +243,13 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
         with atomic_dir(base / version) as out:
             save_file({"embedding": vectors.contiguous()}, str(out / "vectors.safetensors"))
             users.write_parquet(out / "users.parquet")
-            files = ["vectors.safetensors", "users.parquet"]
+            added.drop("order").write_parquet(out / "interactions.parquet")
+            files = ["vectors.safetensors", "users.parquet", "interactions.parquet"]
             if rejected is not None:
                 rejected.write_parquet(out / "rejected.parquet")
                 files.append("rejected.parquet")
             write_json_atomic(out / "manifest.json", {
-                "inputs": inputs, "parent": parent, "version": version, "user_llm_path": str(path), "max_len": max_len,
+                "inputs": inputs, "parent": parent, "version": version, "user_llm": path.name, "max_len": max_len,
                 "dim": int(table.shape[1]), "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since
                 else None, **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")},
                 "files": {name: sha256_file(out / name) for name in files},
@@ -244,15 +262,22 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     return summary
 
 
-def _load_users(root: Path) -> tuple[pl.DataFrame, torch.Tensor, dict]:
-    """A users version: its users.parquet, vectors (U, D) and manifest, checksums verified."""
+ADDED_SCHEMA = pl.DataFrame(schema={"user_id": pl.String, "item_idx": pl.Int64, "timestamp": pl.Int64})
+USERS_HINT = "point users/CURRENT at another version under users/, or rerun `hllm-pipeline refresh users --all`"
+
+
+def _load_users(root: Path) -> tuple[pl.DataFrame, torch.Tensor, dict, pl.DataFrame]:
+    """A users version: its users.parquet, vectors (U, D), manifest and the interactions added since the
+    canonical tables, checksums verified."""
     manifest = _users_manifest(root)
     for name, sha in manifest["files"].items():
         if not (root / name).is_file() or sha256_file(root / name) != sha:
-            raise UserError(f"{root / name}: missing or its checksum does not match the manifest; roll back "
-                            "(point users/CURRENT at another version) or rerun `refresh users all=true`")
+            raise UserError(f"{root / name}: missing or its checksum does not match the manifest; {USERS_HINT}")
+    added = (pl.read_parquet(root / "interactions.parquet") if (root / "interactions.parquet").is_file()
+             else ADDED_SCHEMA.clear())
     return (pl.read_parquet(root / "users.parquet"), load_file(str(root / "vectors.safetensors"))["embedding"],
-            manifest)
+            manifest, added.select(pl.col("user_id").cast(pl.String), pl.col("item_idx").cast(pl.Int64),
+                                   pl.col("timestamp").cast(pl.Int64)))
 
 
 def _users_manifest(root: Path) -> dict:
@@ -264,7 +289,7 @@ def _users_manifest(root: Path) -> dict:
         manifest["files"]  # noqa: B018
         return manifest
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: missing or damaged ({type(e).__name__}); rerun `refresh users all=true`") from None
+        raise UserError(f"{path}: missing or damaged ({type(e).__name__}); {USERS_HINT}") from None
 
 
 @dataclass(frozen=True)
@@ -290,13 +315,17 @@ def recommend(config: RecommendConfig, log=print) -> pl.DataFrame:
     if not (base / "CURRENT").is_file():
         raise UserError(f"{base / 'CURRENT'}: no user vectors yet; run `hllm-pipeline refresh users all=true "
                         f"--run {config.run}` first")
-    version = store.current_version(base)
-    users, vectors, manifest = _load_users(base / version)
+    version = store.current_version(base, hint=USERS_HINT)
+    users, vectors, manifest, _ = _load_users(base / version)
     row = users.with_row_index("row").filter(pl.col("user_id") == str(config.user).strip())
     if row.height == 0:
         raise UserError(f"{base / version}: no user {config.user!r} among its {users.height:,} users (ids like "
                         f"{users['user_id'][0]!r}); refresh users exports every user with interactions")
-    model, table, live, _, root = load_scorer(config.run, Path(manifest["user_llm_path"]))
+    path = config.run / manifest["user_llm"]
+    if not (path / "user_llm.json").is_file() or folder_sha256(path) != manifest["inputs"]["user_llm"]:
+        raise UserError(f"{path}: not the User LLM that made user vectors {version} (retrained or gone); run "
+                        f"`hllm-pipeline refresh users --all --run {config.run}`")
+    model, table, live, _, root = load_scorer(config.run, path)
     if root is not None and root.name != manifest["inputs"]["embeddings"]:
         log(f"note: these vectors were made with embeddings {manifest['inputs']['embeddings']}; ranking the items "
             f"of {root.name} (run `refresh users` to update them)")

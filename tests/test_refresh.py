@@ -151,10 +151,10 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
             raise KeyboardInterrupt("killed")
         return real_write(self, index, *args)
 
-    def finish(self, *args):
+    def finish(self, *args, **kwargs):
         if dies_at == "manifest":
             raise KeyboardInterrupt("killed")
-        return real_finish(self, *args)
+        return real_finish(self, *args, **kwargs)
 
     def publish(*args):
         if dies_at == "publish":
@@ -333,9 +333,11 @@ def test_a_text_and_id_model_scores_a_grown_catalogue_with_zero_ids_for_new_item
             p.add_(torch.randn_like(p))  # "trained": nothing at its initial value
     build.save_user_llm(model, tmp_path / "user_llm", {"items": "cached+id"})
     grown, _ = build.load_user_model(tmp_path / "user_llm", torch.cat([table, torch.randn(5, 24)]))
+    shrunk, _ = build.load_user_model(tmp_path / "user_llm", table[:31])  # a version with fewer items
     for name in ("items.sources.1.embedding.weight", "item_ids.weight"):
         saved, loaded = model.state_dict()[name], grown.state_dict()[name]
         assert loaded.shape[0] == 46 and torch.equal(loaded[:41], saved) and loaded[41:].abs().sum() == 0, name
+        assert torch.equal(shrunk.state_dict()[name], saved[:31]), name
 
 
 # ---- user vectors and recommend --------------------------------------------------------------------------------
@@ -364,7 +366,7 @@ def test_user_vectors_are_the_user_llms_output_after_the_whole_history(base_run,
     run = copy_run(base_run, tmp_path / "run")
     summary = users.run_users(users_settings(run, "all=true"), log=quiet)
     assert summary["refreshed"] == 120 and summary["carried"] == 0
-    frame, vectors, manifest = users._load_users(run / "users" / summary["version"])
+    frame, vectors, manifest = users._load_users(run / "users" / summary["version"])[:3]
     # reference: the CSR sequences of the canonical tables, every item as history
     seqs = UserSequences.load(base_run["data"])
     ids = pl.read_parquet(base_run["data"] / "users.parquet").sort("user_idx")["user_id"].to_list()
@@ -385,7 +387,7 @@ def test_refresh_users_since_recomputes_the_active_users_only(base_run, tmp_path
 
     run = copy_run(base_run, tmp_path / "run")
     first = users.run_users(users_settings(run, "all=true"), log=quiet)
-    before, old_vectors, _ = users._load_users(run / "users" / first["version"])
+    before, old_vectors, _ = users._load_users(run / "users" / first["version"])[:3]
     counted = []
     forward = UserLLM.forward
     monkeypatch.setattr(UserLLM, "forward", lambda self, x, *a, **k: (counted.append(x.shape[0]),
@@ -394,7 +396,7 @@ def test_refresh_users_since_recomputes_the_active_users_only(base_run, tmp_path
     second = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
     assert (second["refreshed"], second["carried"], second["rejected_rows"]) == (3, 118, 2)
     assert sum(counted) == 3  # u1, u2 and the new u999 went through the User LLM, nobody else
-    after, new_vectors, manifest = users._load_users(run / "users" / second["version"])
+    after, new_vectors, manifest = users._load_users(run / "users" / second["version"])[:3]
     assert manifest["parent"] == first["version"]
     rows_before = {u: r for r, u in enumerate(before["user_id"].to_list())}
     for r, (user, refreshed) in enumerate(zip(after["user_id"], after["refreshed"], strict=True)):
@@ -419,7 +421,7 @@ def test_recommend_ranks_unseen_live_items_by_the_stored_vector(base_run, tmp_pa
     users.run_users(users_settings(run, "all=true"), log=quiet)
     conf = cfg.load(users.RecommendConfig, None, [f"run={run}", "user=u0", "k=5"])
     top = users.recommend(conf, log=quiet)
-    frame, vectors, _ = users._load_users(run / "users" / store.current_version(run / "users"))
+    frame, vectors, _ = users._load_users(run / "users" / store.current_version(run / "users"))[:3]
     row = frame["user_id"].to_list().index("u0")
     seen = set(frame["seen"][row].to_list())
     model, table, live, _, _ = users.load_scorer(run, run / "user_llm_stage1")
@@ -451,8 +453,8 @@ def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tm
     monkeypatch.undo()
     resumed = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
     assert resumed["version"] == expected["version"]
-    a = users._load_users(run / "users" / resumed["version"])
-    b = users._load_users(straight / "users" / expected["version"])
+    a = users._load_users(run / "users" / resumed["version"])[:3]
+    b = users._load_users(straight / "users" / expected["version"])[:3]
     assert a[0].equals(b[0]) and torch.equal(a[1], b[1])
     with JobLock(run / "users", log=quiet):
         done = run_cli("refresh", "users", "--run", str(run), "--all", "device=cpu")
@@ -568,10 +570,57 @@ def test_eval_and_user_vectors_split_users_across_processes(base_run, tmp_path):
         from stages import users
 
         results[procs] = (json.loads(reports[0].read_text()),
-                          users._load_users(run / "users" / store.current_version(run / "users")))
+                          users._load_users(run / "users" / store.current_version(run / "users"))[:3])
     (one, (frame1, vectors1, _)), (two, (frame2, vectors2, _)) = results[1], results[2]
     assert two["users"] == one["users"] == 120 and two["timings"]["processes"] == 2
     for name, value in one["metrics"].items():
         assert abs(two["metrics"][name] - value) <= 1 / 120 + 1e-12, name  # at most one user's rank moves
     assert frame1.equals(frame2)
     torch.testing.assert_close(vectors2, vectors1, atol=1e-5, rtol=1e-5)
+
+
+def test_item_idx_values_are_never_handed_out_twice(base_run, tmp_path):
+    """After a rollback the next refresh does not reuse the values of the version rolled back from, an item
+    that comes back gets its old value, and re-running embed-items leaves a refreshed CURRENT where it is."""
+    run = copy_run(base_run, tmp_path / "run")
+    first = store.current_version(run / "embeddings")
+    refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)  # n0..n4: 41..45
+    refresh.rollback(run, log=quiet)
+    items = base_run["items"].select("item_id", "title")
+    other = pl.DataFrame({"item_id": ["m0"], "title": ["w1 w2"]})
+    pl.concat([items.filter(pl.col("item_id") != "i3"), other]).write_csv(tmp_path / "m.csv")
+    second = refresh.run_items(settings(run, tmp_path / "m.csv"), log=quiet)["version"]
+    ids = dict(pl.read_parquet(run / "embeddings" / second / "items.parquet").select("item_id", "item_idx").rows())
+    assert ids["m0"] == 46  # not 41: that value belongs to n0
+    pl.concat([items, other]).write_csv(tmp_path / "back.csv")  # i3 returns
+    third = refresh.run_items(settings(run, tmp_path / "back.csv"), log=quiet)["version"]
+    ids = dict(pl.read_parquet(run / "embeddings" / third / "items.parquet").select("item_id", "item_idx").rows())
+    assert ids["i3"] == 4 and ids["m0"] == 46
+    said = []
+    conf = cfg.load(stage_one.EmbedItemsConfig, None, [
+        f"data={base_run['data']}", f"out={run}", f"item.model={base_run['root'] / 'tiny-bert'}", "item.pooling=mean",
+        "user.name=llama-tiny", "item.max_text_tokens=16", "finetune=false", "embed.shard_rows=7", "device=cpu"])
+    stage_one.run(conf, log=said.append)
+    assert store.current_version(run / "embeddings") == third and first in "".join(said)
+
+
+def test_users_keep_every_earlier_interactions_file(base_run, tmp_path):
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    users.run_users(users_settings(run, "all=true"), log=quiet)
+    day1 = new_interactions(tmp_path / "day1.csv")  # u1, u2 at t=5000; the new u999
+    users.run_users(users_settings(run, "since=4000", f"interactions={day1}"), log=quiet)
+    (tmp_path / "day2.csv").write_text("user_id,item_id,timestamp\nu5,i11,6000\nu1,i12,3000\n")  # u1: a late event
+    second = users.run_users(users_settings(run, "since=5500", f"interactions={tmp_path / 'day2.csv'}"), log=quiet)
+    assert second["refreshed"] == 2  # u5 (active since) and u1 (an event arrived, though dated before `since`)
+    frame = users._load_users(run / "users" / second["version"])[0]
+    seen = dict(zip(frame["user_id"].to_list(), frame["seen"].to_list(), strict=True))
+    assert "u999" in seen  # day 1's new user is still there
+    item = dict(pl.read_parquet(base_run["data"] / "items.parquet").select("item_id", "item_idx").rows())
+    assert item["i7"] in seen["u1"] and item["i12"] in seen["u1"]  # day 1's and day 2's events
+    conf = cfg.load(users.RecommendConfig, None, [f"run={run}", "user=u1", "k=40"])
+    assert not set(users.recommend(conf, log=quiet)["item_idx"].to_list()) & set(seen["u1"])
+    longer = users.run_users(users_settings(run, "since=5500", f"interactions={tmp_path / 'day2.csv'}",
+                                            "max_len=3"), log=quiet)
+    assert longer["changed_version"] and longer["refreshed"] == 121  # another history length: everyone anew

@@ -368,7 +368,10 @@ def test_duplicate_item_in_two_shards_is_refused(tmp_path):
     writer.write(0, np.array([1, 2]), torch.ones(2, 4))
     writer.write(1, np.array([2, 3]), torch.ones(2, 4))
     items = pl.DataFrame({"item_idx": [1, 2, 3], "item_id": ["x", "y", "z"], "text_sha256": ["a", "b", "c"]})
-    writer.finish(items, 4, {"max_item_idx": 3})
+    with pytest.raises(UserError, match="the shards hold 4 rows, the version 3 items"):
+        writer.finish(items, 4, {"max_item_idx": 3})
+    four = pl.DataFrame({"item_idx": [1, 2, 3, 4], "item_id": list("wxyz"), "text_sha256": list("abcd")})
+    writer.finish(four, 4, {"max_item_idx": 4})  # the row count agrees, but item 2 is in both shards
     with pytest.raises(UserError, match="already in another shard"):
         store.load_embeddings(tmp_path / "v")
 

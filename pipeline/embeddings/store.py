@@ -95,22 +95,30 @@ class ShardWriter:
         write_json_atomic(self.root / f"progress-{self.rank}.json", {"fingerprint": self.fingerprint,
                                                                        "shards": mine})
 
-    def finish(self, items: pl.DataFrame, dim: int, extra: dict) -> dict:
+    def finish(self, items: pl.DataFrame, dim: int, extra: dict, shards: int | None = None) -> dict:
         """Write items.parquet (item_idx, item_id, text_sha256 of the embedded items) and, last, the manifest:
-        from now on the version is visible."""
+        from now on the version is visible. `shards`: how many the version must have (every process's)."""
+        self._collect()  # the other processes' shards
+        if shards is not None:
+            missing = sorted({shard_name(k, self.fmt) for k in range(shards)} - set(self.done))
+            if missing:
+                raise UserError(f"{self.root}: shards {', '.join(missing[:5])} are not finished or not visible "
+                                "here (another process's progress file?); rerun the job to complete them")
+        if sum(info["rows"] for info in self.done.values()) != items.height:
+            raise UserError(f"{self.root}: the shards hold {sum(i['rows'] for i in self.done.values())} rows, the "
+                            f"version {items.height} items; rerun the job")
         with atomic_path(self.root / "items.parquet") as tmp:
             columns = ["item_idx", "item_id", "text_sha256"] + (["text"] if "text" in items.columns else [])
             items.select(columns).sort("item_idx").write_parquet(tmp)
-        self._collect()  # the other processes' shards
-        shards = [{"file": name, "rows": info["rows"], "sha256": info["sha256"]}
+        listed = [{"file": name, "rows": info["rows"], "sha256": info["sha256"]}
                   for name, info in sorted(self.done.items())]
         manifest = {
             **self.fingerprint,
             "dim": dim,
             "dtype": self.dtype,
             "format": self.fmt,
-            "rows": sum(s["rows"] for s in shards),
-            "shards": shards,
+            "rows": sum(s["rows"] for s in listed),
+            "shards": listed,
             "items_sha256": sha256_file(self.root / "items.parquet"),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
@@ -204,8 +212,9 @@ def finished_versions(base: Path) -> list[str]:
     return [p.name for p in sorted(done, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))]
 
 
-def current_version(base: Path) -> str:
-    """The version run/embeddings/CURRENT names, checked to exist and be finished."""
+def current_version(base: Path, hint: str = "point it at one with `hllm-pipeline refresh rollback VERSION`") -> str:
+    """The version base/CURRENT names (run/embeddings or run/users), checked to exist and be finished; `hint`:
+    what to do when it does not."""
     current = base / "CURRENT"
     if not current.is_file():
         raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
@@ -214,13 +223,11 @@ def current_version(base: Path) -> str:
     except (OSError, UnicodeDecodeError):
         version = ""
     if not version or "/" in version or version.startswith("."):
-        raise UserError(f"{current}: damaged (expected one version name); point it at a finished version with "
-                        "`hllm-pipeline refresh rollback VERSION`")
+        raise UserError(f"{current}: damaged (expected one version name); {hint}")
     if not (base / version / MANIFEST).is_file():
         state = "did not finish" if (base / version).is_dir() else "does not exist"
         available = ", ".join(finished_versions(base)) or "none"
-        raise UserError(f"{current}: names {version}, which {state} (finished versions: {available}); point it "
-                        "at one with `hllm-pipeline refresh rollback VERSION`")
+        raise UserError(f"{current}: names {version}, which {state} (finished versions: {available}); {hint}")
     return version
 
 

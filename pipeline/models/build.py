@@ -315,12 +315,14 @@ def load_user_head(model: SequenceModel, path: Path) -> None:
     if not model.logit_scale.requires_grad:  # a fixed temperature (user.temperature) stays as set
         head.pop("logit_scale", None)
     for key, saved in head.items():
-        # a catalogue grown by `refresh items` since training: the item-ID rows learned, zeros for the new items
+        # item-ID rows of a catalogue that `refresh items` changed since training: the rows learned for the items
+        # this catalogue has, zeros for items added since (they are known by their text alone)
         if key in own and saved.dim() == 2 and own[key].shape[1:] == saved.shape[1:] and \
-                own[key].shape[0] > saved.shape[0]:
-            grown = torch.zeros_like(own[key])
-            grown[:saved.shape[0]] = saved
-            head[key] = grown
+                own[key].shape[0] != saved.shape[0]:
+            fitted = torch.zeros_like(own[key])
+            rows = min(own[key].shape[0], saved.shape[0])
+            fitted[:rows] = saved[:rows]
+            head[key] = fitted
     model.load_state_dict({k: v for k, v in head.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 
