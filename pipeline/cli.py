@@ -74,8 +74,8 @@ def models_list() -> None:
     typer.echo(describe_presets())
 
 
-refresh_app = typer.Typer(no_args_is_help=True, help="Batch refresh jobs: re-embed new and changed items, roll "
-                          "back.")
+refresh_app = typer.Typer(no_args_is_help=True, help="Batch refresh jobs: item embeddings of new and changed items, "
+                          "user vectors of active users, rollback.")
 app.add_typer(refresh_app, name="refresh")
 
 
