@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 
 def device_of(name: str) -> torch.device:
@@ -39,3 +41,24 @@ def gather_rows(local: np.ndarray, state) -> np.ndarray:
     from accelerate.utils import gather_object
 
     return np.concatenate(gather_object([local]))
+
+
+def on_main(state, fn: Callable):
+    """fn() on the main process only (writing a manifest, switching CURRENT). Every process learns whether it
+    failed and stops too, rather than waiting at the next barrier for a main process that is gone."""
+    if state is None or state.num_processes == 1:
+        return fn()
+    import torch.distributed as dist
+
+    result, outcome, failure = None, [None], None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except BaseException as e:
+            outcome, failure = [f"{type(e).__name__}: {e}"], e
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise UserError(f"the main process failed ({outcome[0]}); rerun the job to complete it")
+    return result

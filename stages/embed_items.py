@@ -38,7 +38,7 @@ from pipeline.models.build import UserModelConfig
 from pipeline.models.item_sources import TextItems
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
-from pipeline.runtime import device_of, distributed_state
+from pipeline.runtime import device_of, distributed_state, on_main
 
 
 @dataclass(frozen=True)
@@ -190,19 +190,15 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
             rates = _write_shards(config, item_llm, catalogue, writer, rank, world)
             if state is not None:
                 state.wait_for_everyone()
-            if rank == 0:
-                manifest = writer.finish(items, item_llm.dim, shards=math.ceil(catalogue.num_items / e.shard_rows),
-                                         extra={"version": version, "parent": None,
-                                                               "max_item_idx": catalogue.num_items, "item_llm":
-                                                               str(config.out / "item_llm"), "throughput": rates,
-                                                               "processes": world})
+            manifest = on_main(state, lambda: writer.finish(
+                items, item_llm.dim, shards=math.ceil(catalogue.num_items / e.shard_rows),
+                extra={"version": version, "parent": None, "max_item_idx": catalogue.num_items,
+                       "item_llm": str(config.out / "item_llm"), "throughput": rates, "processes": world}))
+            if manifest is not None:
                 log(f"embeddings {version}: {manifest['rows']:,} items x {manifest['dim']} ({e.dtype}, {e.format}) "
                     f"in {root}; {rates['items_per_s']:.0f} items/s, {rates['tokens_per_s']:.0f} tokens/s"
                     + (f" on the main process of {world}" if world > 1 else ""))
-        if rank == 0:
-            publish(config.out / "embeddings", version)
-        if state is not None:
-            state.wait_for_everyone()
+        on_main(state, lambda: publish(config.out / "embeddings", version))
     return root
 
 

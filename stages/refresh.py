@@ -34,7 +34,7 @@ from pipeline.io import atomic_path, fingerprint, folder_sha256
 from pipeline.lock import JobLock, job_lock
 from pipeline.models import build
 from pipeline.models.tokens import TokenizedCatalogue
-from pipeline.runtime import device_of, distributed_state
+from pipeline.runtime import device_of, distributed_state, on_main
 
 
 @dataclass(frozen=True)
@@ -319,6 +319,17 @@ def prune(base: Path, keep: int, log=print) -> list[str]:
     return gone
 
 
+def _publish(base: Path, registry: pl.DataFrame, plan: RefreshPlan, version: str, keep: int | None, log) -> None:
+    """Record the version's item_idx values, switch CURRENT to it, prune."""
+    known = pl.concat([registry, plan.items.select("item_id", "item_idx")]).unique(
+        subset="item_id", keep="first", maintain_order=True)
+    with atomic_path(base / REGISTRY) as tmp:  # before CURRENT moves: no value is ever handed out twice
+        known.write_parquet(tmp)
+    store.publish(base, version)
+    if keep is not None:
+        prune(base, keep, log=log)
+
+
 def run_items(config: RefreshItemsConfig, log=print) -> dict:
     """Refresh the run's item embeddings from the catalogue; returns the summary (also logged). Under a
     multi-process launch each process embeds and writes every num_processes-th shard of the new version."""
@@ -361,21 +372,13 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
                                        _version_identity(parent, plan, model_fp), rank=rank)
             rates = _write_shards(config.run, writer, parent, plan, config.token_budget, device, rank, world)
             state.wait_for_everyone()
-            if rank == 0:
-                max_idx = max(int(registry["item_idx"].max() or 0), int(plan.items["item_idx"].max() or 0))
-                writer.finish(plan.items, int(parent.manifest["dim"]),
-                              {"max_item_idx": max_idx, "version": version, "item_llm": str(model_dir),
-                               "refresh": plan.counts, "throughput": rates, "processes": world},
-                              shards=math.ceil(plan.items.height / int(writer.fingerprint["shard_rows"])))
-        if rank == 0:
-            known = pl.concat([registry, plan.items.select("item_id", "item_idx")]).unique(
-                subset="item_id", keep="first", maintain_order=True)
-            with atomic_path(base / REGISTRY) as tmp:  # before CURRENT moves: no value is ever handed out twice
-                known.write_parquet(tmp)
-            store.publish(base, version)
-            if config.keep is not None:
-                prune(base, config.keep, log=log)
-        state.wait_for_everyone()
+            max_idx = max(int(registry["item_idx"].max() or 0), int(plan.items["item_idx"].max() or 0))
+            on_main(state, lambda: writer.finish(
+                plan.items, int(parent.manifest["dim"]),
+                {"max_item_idx": max_idx, "version": version, "item_llm": str(model_dir), "refresh": plan.counts,
+                 "throughput": rates, "processes": world},
+                shards=math.ceil(plan.items.height / int(writer.fingerprint["shard_rows"]))))
+        on_main(state, lambda: _publish(base, registry, plan, version, config.keep, log))
     summary.update(version=version, changed_version=True, seconds=round(time.perf_counter() - started, 2))
     log(f"refreshed {parent_name} -> {version}: {summary['new']:,} new, {summary['changed']:,} changed, "
         f"{summary['unchanged']:,} unchanged (carried over), {summary['retired']:,} retired; "

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir, fingerprint, folder_sha256, sha256_file, write_json_atomic, write_text_atomic
 from pipeline.lock import job_lock
 from pipeline.models import build
-from pipeline.runtime import device_of, distributed_state, gather_rows, my_share
+from pipeline.runtime import device_of, distributed_state, gather_rows, my_share, on_main
 from pipeline.search import normalise
 from stages.evaluate import user_llm_dir
 from stages.refresh import data_folder, text_recipe, version_items
@@ -230,32 +230,34 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
                 bar.update(min(4096, len(mine) - start))
         vectors = torch.zeros(histories.height, table.shape[1])
         vectors[torch.from_numpy(chosen)] = torch.from_numpy(gather_rows(computed, state))
-        if not state.is_main_process:  # the main process writes the version
-            state.wait_for_everyone()
+
+        def write() -> None:  # the main process writes the version
+            if previous is not None and (~active).any():
+                old_rows = dict(zip(previous[0]["user_id"].to_list(), range(previous[0].height), strict=True))
+                keep = np.flatnonzero(~active)
+                source = torch.tensor([old_rows[u] for u in histories["user_id"].gather(keep).to_list()])
+                vectors[torch.from_numpy(keep)] = previous[1][source]  # bit-identical
+            users = histories.select("user_id", "last_timestamp", pl.col("seen").list.len().alias("n_interactions"),
+                                     pl.Series("refreshed", active), pl.col("seen").cast(pl.List(pl.Int32)))
+            with atomic_dir(base / version) as out:
+                save_file({"embedding": vectors.contiguous()}, str(out / "vectors.safetensors"))
+                users.write_parquet(out / "users.parquet")
+                added.drop("order").write_parquet(out / "interactions.parquet")
+                files = ["vectors.safetensors", "users.parquet", "interactions.parquet"]
+                if rejected is not None:
+                    rejected.write_parquet(out / "rejected.parquet")
+                    files.append("rejected.parquet")
+                write_json_atomic(out / "manifest.json", {
+                    "inputs": inputs, "parent": parent, "version": version, "user_llm": path.name, "max_len": max_len,
+                    "dim": int(table.shape[1]), "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since
+                    else None, **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")},
+                    "files": {name: sha256_file(out / name) for name in files},
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            write_text_atomic(base / "CURRENT", version + "\n")
+
+        on_main(state, write)
+        if not state.is_main_process:
             return {**summary, "changed_version": True}
-        if previous is not None and (~active).any():
-            old_rows = dict(zip(previous[0]["user_id"].to_list(), range(previous[0].height), strict=True))
-            keep = np.flatnonzero(~active)
-            source = torch.tensor([old_rows[u] for u in histories["user_id"].gather(keep).to_list()])
-            vectors[torch.from_numpy(keep)] = previous[1][source]  # bit-identical
-        users = histories.select("user_id", "last_timestamp", pl.col("seen").list.len().alias("n_interactions"),
-                                 pl.Series("refreshed", active), pl.col("seen").cast(pl.List(pl.Int32)))
-        with atomic_dir(base / version) as out:
-            save_file({"embedding": vectors.contiguous()}, str(out / "vectors.safetensors"))
-            users.write_parquet(out / "users.parquet")
-            added.drop("order").write_parquet(out / "interactions.parquet")
-            files = ["vectors.safetensors", "users.parquet", "interactions.parquet"]
-            if rejected is not None:
-                rejected.write_parquet(out / "rejected.parquet")
-                files.append("rejected.parquet")
-            write_json_atomic(out / "manifest.json", {
-                "inputs": inputs, "parent": parent, "version": version, "user_llm": path.name, "max_len": max_len,
-                "dim": int(table.shape[1]), "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since
-                else None, **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")},
-                "files": {name: sha256_file(out / name) for name in files},
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        write_text_atomic(base / "CURRENT", version + "\n")
-        state.wait_for_everyone()
     summary.update(changed_version=True, seconds=round(time.perf_counter() - started, 2))
     log(f"user vectors {version}: {summary['refreshed']:,} refreshed, {summary['carried']:,} carried over, "
         f"{summary['rejected_rows']:,} rejected rows; {summary['seconds']:.1f}s")

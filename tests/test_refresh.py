@@ -624,3 +624,37 @@ def test_users_keep_every_earlier_interactions_file(base_run, tmp_path):
     longer = users.run_users(users_settings(run, "since=5500", f"interactions={tmp_path / 'day2.csv'}",
                                             "max_len=3"), log=quiet)
     assert longer["changed_version"] and longer["refreshed"] == 121  # another history length: everyone anew
+
+
+def test_a_failure_on_the_main_process_stops_every_process(base_run, tmp_path):
+    """Under torchrun, when a step only the main process runs (here: switching CURRENT) fails, the other process
+    stops with a message instead of waiting at a barrier, and CURRENT stays on the old version."""
+    run = copy_run(base_run, tmp_path / "run")
+    before = store.current_version(run / "embeddings")
+    catalog = changed_catalog(base_run, tmp_path / "c.csv")
+    script = tmp_path / "fail.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from pipeline import config as cfg
+from stages import refresh
+
+def broken(*args):
+    raise OSError("disk full")
+
+if os.environ.get("RANK") == "0":
+    refresh.store.publish = broken
+try:
+    refresh.run_items(cfg.load(refresh.RefreshItemsConfig, None, [
+        "catalog={catalog}", "run={run}", "device=cpu"]), log=lambda _: None)
+except Exception as e:
+    print(f"rank {{os.environ.get('RANK')}}: {{type(e).__name__}}: {{e}}", file=sys.stderr)
+    sys.exit(3)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "rank 0: OSError: disk full" in done.stderr
+    assert "rank 1: UserError: the main process failed (OSError: disk full)" in done.stderr
+    assert store.current_version(run / "embeddings") == before
