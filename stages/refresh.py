@@ -14,7 +14,6 @@ would. One job at a time holds embeddings/.lock (pipeline.lock).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline.data.text import item_text_expr, text_sha256
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.errors import ConfigError, UserError
@@ -108,10 +108,13 @@ def text_recipe(data: Path) -> TextRecipe:
                         ) from None
 
 
-def _read_table(path: Path) -> pl.DataFrame:
-    """A Parquet or CSV items file as strings (ids stay text, as the canonical tables keep them)."""
+def read_table(path: Path, expected: str) -> pl.DataFrame:
+    """A Parquet or CSV file of new input (CSV columns as strings: ids stay text, as the canonical tables keep
+    them); `expected`: what it should hold, for the errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
     if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty; expected the items with an item_id column and their text fields")
+        raise UserError(f"{path}: file is empty; expected {expected}")
     try:
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
@@ -141,7 +144,8 @@ def read_catalog(path: Path, recipe: TextRecipe) -> pl.DataFrame:
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     with tempfile.TemporaryDirectory(prefix="hllm-refresh-") as tmp:
-        table = _read_source(path, recipe, Path(tmp)) if path.is_dir() else _read_table(path)
+        table = _read_source(path, recipe, Path(tmp)) if path.is_dir() else \
+            read_table(path, "the items with an item_id column and their text fields")
     if table.height == 0:
         raise UserError(f"{path}: holds no items")
     if "item_id" not in table.columns:
@@ -167,11 +171,8 @@ def read_catalog(path: Path, recipe: TextRecipe) -> pl.DataFrame:
         rows = repeated.filter(pl.col("item_id") == first)["row"].to_list()
         raise UserError(f"{path}: item_id {first!r} appears more than once (rows {', '.join(map(str, rows))}); "
                         "ids must be unique")
-    from pipeline.data.text import item_text_expr
-
     table = table.with_columns(item_text_expr(recipe.text_keys, recipe.item_prompt).alias("text"))
-    sha = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in table["text"]]
-    return table.select("item_id", "text").with_columns(pl.Series("text_sha256", sha))
+    return table.select("item_id", "text").with_columns(pl.Series("text_sha256", text_sha256(table["text"])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,6 +291,7 @@ def _write_shards(run: Path, writer: store.ShardWriter, parent: store.EmbeddingT
               disable=None if rank == 0 else True) as bar:
         for k, start in mine:
             end = min(start + per_shard, len(idx))
+            # the parent's stored rows (a new item beyond the parent's table reads its last row, overwritten below)
             block = parent.embeddings[torch.from_numpy(np.minimum(idx[start:end], parent.embeddings.shape[0] - 1))]
             block = block.clone()
             fresh = np.flatnonzero(changed[start:end])

@@ -36,7 +36,7 @@ from pipeline.models import build
 from pipeline.runtime import device_of, distributed_state, gather_rows, my_share, on_main
 from pipeline.search import normalise
 from stages.evaluate import user_llm_dir
-from stages.refresh import data_folder, text_recipe, version_items
+from stages.refresh import data_folder, read_table, text_recipe, version_items
 
 
 def parse_since(value: str, now: float | None = None) -> int:
@@ -89,14 +89,7 @@ class RefreshUsersConfig:
 
 def _new_interactions(path: Path, item_ids: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(usable rows: user_id, item_idx, timestamp, order; rejected rows with a reason) of a new-interactions file."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty; expected user_id, item_id, timestamp columns")
-    try:
-        raw = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: not a readable file ({' '.join(str(e).split())[:160]})") from None
+    raw = read_table(path, "user_id, item_id, timestamp columns")
     missing = [c for c in ("user_id", "item_id", "timestamp") if c not in raw.columns]
     if missing:
         raise UserError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(raw.columns)})")
@@ -271,7 +264,7 @@ USERS_HINT = "point users/CURRENT at another version under users/, or rerun `hll
 def _load_users(root: Path) -> tuple[pl.DataFrame, torch.Tensor, dict, pl.DataFrame]:
     """A users version: its users.parquet, vectors (U, D), manifest and the interactions added since the
     canonical tables, checksums verified."""
-    manifest = _users_manifest(root)
+    manifest = store.read_manifest(root, required=("inputs", "files"), hint=USERS_HINT)
     for name, sha in manifest["files"].items():
         if not (root / name).is_file() or sha256_file(root / name) != sha:
             raise UserError(f"{root / name}: missing or its checksum does not match the manifest; {USERS_HINT}")
@@ -280,18 +273,6 @@ def _load_users(root: Path) -> tuple[pl.DataFrame, torch.Tensor, dict, pl.DataFr
     return (pl.read_parquet(root / "users.parquet"), load_file(str(root / "vectors.safetensors"))["embedding"],
             manifest, added.select(pl.col("user_id").cast(pl.String), pl.col("item_idx").cast(pl.Int64),
                                    pl.col("timestamp").cast(pl.Int64)))
-
-
-def _users_manifest(root: Path) -> dict:
-    import json
-
-    path = root / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["files"]  # noqa: B018
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: missing or damaged ({type(e).__name__}); {USERS_HINT}") from None
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,13 @@ table are.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.data.readers import REJECTED_SCHEMA, RawTables
-from pipeline.data.text import item_text_expr
+from pipeline.data.text import item_text_expr, text_sha256
 from pipeline.errors import UserError, where
 
 
@@ -247,7 +246,7 @@ def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: P
     # An item kept from the interactions alone (unknown_items=keep) has no text at all, as in the official code.
     items = items.with_columns(pl.when(pl.col("row").is_null()).then(pl.lit("")).otherwise(text).alias("text"))
     items = items.with_columns(
-        pl.Series("text_sha256", [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in items["text"]])
+        pl.Series("text_sha256", text_sha256(items["text"]))
     )
     users = (valid.group_by("user_id").agg(
         pl.col("row").min().alias("_first"), pl.len().cast(pl.Int64).alias("n_interactions"),

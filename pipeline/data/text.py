@@ -10,6 +10,7 @@ placeholder positions whose input embeddings the Item LLM replaces with learnabl
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import polars as pl
@@ -43,6 +44,11 @@ def item_text_expr(text_keys: Sequence[str], prompt: str = DEFAULT_ITEM_PROMPT) 
         missing = value.is_null() | value.is_in(list(PANDAS_NA))
         parts.append(pl.when(missing).then(pl.lit("")).otherwise(pl.lit(f"{key}: ") + value))
     return pl.concat_str(parts)
+
+
+def text_sha256(texts: Sequence[str]) -> list[str]:
+    """The hex sha256 of each item text's UTF-8 bytes: how a text change is recognised (data prepare, refresh)."""
+    return [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
 
 
 def encode_item_text(tokenizer, texts: Sequence[str], max_text_tokens: int = 256, n_item_tokens: int = 1,

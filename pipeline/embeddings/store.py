@@ -155,22 +155,24 @@ def _read_shard(path: Path, fmt: str) -> tuple[np.ndarray, torch.Tensor]:
 MANIFEST_KEYS = ("dim", "dtype", "format", "rows", "shards", "items_sha256")
 
 
-def read_manifest(root: Path) -> dict:
-    """A finished version's manifest, checked enough that a damaged one is an error naming it, not a traceback."""
+ROLL_BACK = "roll back to another version (`hllm-pipeline refresh rollback`) or rerun the job that wrote it"
+
+
+def read_manifest(root: Path, required: tuple[str, ...] = MANIFEST_KEYS, hint: str = ROLL_BACK) -> dict:
+    """A finished version's manifest (of item embeddings, or of another store with its `required` keys), checked
+    enough that a damaged one is an error naming it, not a traceback; `hint`: what to do then."""
     path = root / MANIFEST
     if not root.is_dir():
-        raise UserError(f"{root}: no such embeddings version")
+        raise UserError(f"{root}: no such version")
     if not path.is_file():
         raise UserError(f"{path}: missing: the job that writes this version did not finish (rerun it to resume)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: damaged, not readable JSON ({type(e).__name__}); roll back to another version "
-                        "(`hllm-pipeline refresh rollback`) or rerun the job that wrote it") from None
-    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+        raise UserError(f"{path}: damaged, not readable JSON ({type(e).__name__}); {hint}") from None
+    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
     if missing:
-        raise UserError(f"{path}: damaged, lacks {', '.join(missing)}; roll back to another version "
-                        "(`hllm-pipeline refresh rollback`) or rerun the job that wrote it")
+        raise UserError(f"{path}: damaged, lacks {', '.join(missing)}; {hint}")
     return manifest
 
 
