@@ -19,7 +19,7 @@ from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.store import load_embeddings, read_manifest, version_root
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.io import sha256_file
 from pipeline.loop import LoopConfig
 from pipeline.models import build
@@ -41,6 +41,9 @@ class TrainUserConfig:
     items: Literal["cached", "id", "cached+id"] = "cached"
     """What the model reads for an item: the cached embeddings (HLLM stage two), a trainable item-ID table (the ID
     baselines: SASRec, no stage one needed) or the sum of both (text + ID)."""
+    id_width: int | None = None
+    """items=cached+id: numbers per item in the ID table. null: as many as the cached embeddings have (e.g. 384);
+    fewer (e.g. the User LLM's width) with a learned map up to the cached width, which overfits less."""
     adapter: bool = False
     """A small trainable residual MLP on the cached embeddings (inputs, targets and negatives)."""
     user: UserModelConfig = UserModelConfig(init="stage-one")
@@ -55,6 +58,11 @@ class TrainUserConfig:
     resume: bool = True
     """Continue from stage2/state.pt when it exists and was made with the same settings."""
 
+    def __post_init__(self) -> None:
+        if self.id_width is not None and (self.items != "cached+id" or self.id_width < 1):
+            raise ConfigError(f"id_width={self.id_width}: a positive width for items=cached+id (items={self.items}); "
+                              "set id_width=null otherwise")
+
 
 def embeddings_root(config: TrainUserConfig) -> Path:
     return version_root(config.run, config.embeddings)
@@ -68,7 +76,7 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     num_items = num_items if num_items is not None else table.shape[0] - 1
     stage_one = config.run / "user_llm_stage1"
     user_llm = build.user_llm_from(config.user, stage_one, log=log)
-    items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter)
+    items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width)
     model = build.sequence_model(items, user_llm, config.user)
     if config.user.init == "stage-one":
         build.load_user_head(model, stage_one)
@@ -95,7 +103,10 @@ def run(config: TrainUserConfig, log=print) -> Path:
     state = distributed_state(device)
     if state.is_main_process:
         cfg.save(config, run_dir / "config.yaml")
-    identity = {"model": {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items},
+    model_identity = {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items}
+    if config.id_width is not None:  # only where set: runs made before the setting existed still resume
+        model_identity["id_width"] = config.id_width
+    identity = {"model": model_identity,
                 "embeddings": read_manifest(root)["shards"] if root else None,
                 "interactions": sha256_file(config.data / "interactions.parquet")}
     meta = {"source": "stage two", "model": "hllm" if root else config.user.name,

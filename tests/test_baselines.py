@@ -80,14 +80,19 @@ def test_projection_lets_a_narrow_user_llm_read_wide_embeddings(cached, tmp_path
 
 
 def test_text_plus_ids_is_a_recipe_of_stage_two(cached, tmp_path):
+    """Text + ID with a narrow ID table (8 numbers per item, mapped up to the embeddings' 64); the full-width
+    table is the default and is trained in test_loop."""
     run = tmp_path / "sum"
-    stage_two.run(settings(cached, run, "items=cached+id", "user.name=llama-tiny"), log=lambda _: None)
+    stage_two.run(settings(cached, run, "items=cached+id", "id_width=8", "user.name=llama-tiny"), log=lambda _: None)
     # the ID table starts at the cached vectors' spread (std 1 here): scaled by 1 / 0.02, and loaded back so
     table = load_embeddings(run / "embeddings" / "v-test").embeddings
     meta = json.loads((run / "user_llm" / "user_llm.json").read_text())
-    assert meta["id_scale"] == pytest.approx(float(table[1:].std()) / 0.02)
+    assert meta["id_scale"] == pytest.approx(float(table[1:].std()) / 0.02) and meta["id_width"] == 8
     loaded, _ = build.load_user_model(run / "user_llm", table)
-    assert loaded.items.sources[1].scale == meta["id_scale"]
+    ids = loaded.items.sources[1]
+    assert ids.scale == meta["id_scale"] and ids.embedding.weight.shape == (41, 8) and ids.widen.weight.shape == (
+        64, 8)
+    assert ids.embedding.weight.abs().sum() > 0 and not ids.embedding.weight[0].any()
     report = evaluate(cached, run)
     assert report["protocol"]["model"]["items"] == "cached+id" and report["protocol"]["model"]["embeddings_version"]
     assert_learned(report)
@@ -122,6 +127,8 @@ def test_a_fixed_temperature_is_not_replaced_by_a_saved_logit_scale(tmp_path):
 
 
 def test_user_model_shape_settings_are_checked():
+    with pytest.raises(ConfigError, match="id_width=8: a positive width for items=cached\\+id"):
+        cfg.load(stage_two.TrainUserConfig, None, ["data=d", "run=r", "items=id", "id_width=8"])
     with pytest.raises(ConfigError, match="user.dropout=1.5"):
         cfg.load(stage_two.TrainUserConfig, None, ["data=d", "run=r", "user.init=scratch", "user.dropout=1.5"])
     with pytest.raises(ConfigError, match="with user.init=stage-one the weights fix them"):

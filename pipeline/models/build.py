@@ -252,10 +252,11 @@ ITEM_SOURCES = ("cached", "id", "cached+id")
 
 
 def item_source(kind: str, table: torch.Tensor | None, num_items: int, id_dim: int, adapter: bool = False,
-                id_scale: float | None = None) -> ItemSource:
+                id_scale: float | None = None, id_width: int | None = None) -> ItemSource:
     """The item source `kind` names (one of ITEM_SOURCES); an ID-only table is `id_dim` wide, an ID table
-    summed with the cached one as wide as it, and scaled to start at the cached vectors' per-dimension spread
-    (`id_scale`: that factor; None computes it, for a new model)."""
+    summed with the cached one as wide as it (through a learned map from `id_width` numbers per item, where given),
+    and scaled to start at the cached vectors' per-dimension spread (`id_scale`: that factor; None computes it,
+    for a new model)."""
     if kind not in ITEM_SOURCES:
         raise ConfigError(f"items={kind}: use one of {', '.join(ITEM_SOURCES)}")
     if kind == "id":
@@ -267,7 +268,7 @@ def item_source(kind: str, table: torch.Tensor | None, num_items: int, id_dim: i
         return cached
     if id_scale is None:
         id_scale = float(table[1:].float().std()) / 0.02
-    return SumItems(cached, IdItems(num_items, cached.dim, id_scale))
+    return SumItems(cached, IdItems(num_items, cached.dim, id_scale, id_width))
 
 
 def source_name(items: ItemSource) -> str:
@@ -296,6 +297,7 @@ def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
                      "items": source_name(model.items), "num_items": model.items.num_items,
                      "projection": model.project_in is not None, "scale_inputs": model.input_scale != 1.0,
                      "id_scale": next((m.scale for m in model.items.modules() if isinstance(m, IdItems)), None),
+                     "id_width": next((m.width for m in model.items.modules() if isinstance(m, IdItems)), None),
                      "logit_scale": model.logit_scale.item()}
         (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
@@ -356,7 +358,7 @@ def load_user_model(path: Path, table: torch.Tensor | None) -> tuple[SequenceMod
                         "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
     num_items = table.shape[0] - 1 if table is not None else int(meta["num_items"])
     items = item_source(kind, table, num_items, user_llm.dim, meta.get("adapter", False),
-                        meta.get("id_scale") or 1.0)  # older folders: unscaled IDs
+                        meta.get("id_scale") or 1.0, meta.get("id_width"))  # older folders: unscaled IDs
     model = SequenceModel(items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
                           meta.get("time_precision", "second"), projection=projection,
                           scale_inputs=meta.get("scale_inputs", False))

@@ -118,20 +118,29 @@ class CachedItems(ItemSource):
 class IdItems(ItemSource):
     """A trainable item-ID embedding table (row 0, padding, stays zero), initialised at std 0.02 and multiplied by
     `scale`: summed with cached embeddings, the scale brings the IDs to the cached vectors' size while the weights
-    stay small, so AdamW changes them as fast (relative to their size) as in an ID-only model."""
+    stay small, so AdamW changes them as fast (relative to their size) as in an ID-only model.
+
+    `width` narrower than `dim` factorises the table: (N+1, width) rows times a learned (width -> dim) map, so each
+    item has `width` free numbers instead of `dim` (fewer to overfit when `dim` is a text model's width)."""
 
     kind = "ID"
 
-    def __init__(self, num_items: int, dim: int, scale: float = 1.0) -> None:
+    def __init__(self, num_items: int, dim: int, scale: float = 1.0, width: int | None = None) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        width = width or dim
+        self.embedding = nn.Embedding(num_items + 1, width, padding_idx=0)
         nn.init.normal_(self.embedding.weight, std=0.02)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
-        self.dim, self.num_items, self.scale = dim, num_items, scale
+        # std 1/sqrt(width) keeps the rows' per-dimension spread (0.02) through the map
+        self.widen = nn.Linear(width, dim, bias=False) if width != dim else None
+        if self.widen is not None:
+            nn.init.normal_(self.widen.weight, std=width ** -0.5)
+        self.dim, self.num_items, self.scale, self.width = dim, num_items, scale, width
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        out = self.embedding(inputs["ids"])
+        out = self.embedding(inputs["ids"])  # (U, width)
+        out = self.widen(out) if self.widen is not None else out  # (U, D)
         return out * self.scale if self.scale != 1.0 else out
 
 
