@@ -4,8 +4,11 @@ Each run folder contributes its newest eval report per protocol (reports/eval-*.
 (stage2/metrics.jsonl, else stage1/metrics.jsonl); an eval report JSON can also be named directly. Runs are
 put in one table only when they were evaluated under the same protocol (dataset, split, history masking,
 candidate items, exact or approximate search); otherwise the page says so and gives each protocol its own table,
-with its protocol card. Writes OUT (Markdown) and, beside it, OUT-stem-metrics-<n>.png per protocol and
-OUT-stem-validation.png.
+with its protocol card. With a baseline run named, each table is followed by every other model's paired
+difference to it: per-user metric differences on the same users and targets (from the per-user ranks that
+`eval --per-user-ranks` writes beside each report), their mean and its standard error, which says whether a gap is
+larger than the noise of the test users. Writes OUT (Markdown) and, beside it, OUT-stem-metrics-<n>.png per
+protocol and OUT-stem-validation.png.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_text_atomic
@@ -156,6 +161,60 @@ def _table(entries: list[Entry], curves: dict[Path, Curve], base: Path) -> list[
     return lines
 
 
+def ranks_path(report_path: Path) -> Path:
+    """Where eval wrote the per-user ranks of a report (eval-X.json -> ranks-X.parquet, same folder)."""
+    return report_path.with_name("ranks-" + report_path.name.removeprefix("eval-")).with_suffix(".parquet")
+
+
+def per_user_metrics(ranks_file: Path, ks: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(user_idx, target_item_idx) pairs in user order, and each metric per user: recall@K = rank <= K,
+    NDCG@K = 1 / log2(rank + 1) there (rank 1 is the top; a missing rank is a miss at every K)."""
+    import polars as pl
+
+    table = pl.read_parquet(ranks_file, columns=["user_idx", "target_item_idx", "rank"]).sort("user_idx")
+    rank = table["rank"].fill_null(np.iinfo(np.int64).max).to_numpy().astype(np.float64)
+    metrics = {}
+    for k in ks:
+        hit = rank <= k
+        metrics[f"recall@{k}"] = hit.astype(np.float64)
+        metrics[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 1.0), 0.0)
+    return table.select("user_idx", "target_item_idx").to_numpy(), metrics
+
+
+def paired_differences(entry: Entry, baseline: Entry, ks: list[int]) -> dict[str, tuple[float, float]] | None:
+    """metric -> (mean per-user difference entry - baseline, its standard error); None unless both reports have
+    their per-user ranks over the same users and targets."""
+    paths = [ranks_path(entry.path), ranks_path(baseline.path)]
+    if not all(path.is_file() for path in paths):
+        return None
+    (pairs, ours), (base_pairs, theirs) = (per_user_metrics(path, ks) for path in paths)
+    if not np.array_equal(pairs, base_pairs) or len(pairs) < 2:
+        return None
+    out = {}
+    for key in ours:
+        diff = ours[key] - theirs[key]
+        out[key] = (float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))))
+    return out
+
+
+def _paired_table(entries: list[Entry], baseline: Entry) -> list[str]:
+    ks = _ks(entries)
+    keys = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    head = ["run", "model"] + [f"Δ {key.replace('recall', 'Recall').replace('ndcg', 'NDCG')}" for key in keys]
+    lines = [f"Paired against {baseline.run} ({baseline.report['protocol'].get('model', {}).get('name', '?')}): "
+             "the mean of the per-user differences on the same users and targets ± its standard error; a gap "
+             "within about two standard errors is not one.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        if e is baseline or e.report["protocol"].get("model", {}).get("name") == "popularity":
+            continue
+        diffs = paired_differences(e, baseline, ks)
+        cells = [f"{diffs[key][0]:+.4f} ± {diffs[key][1]:.4f}" for key in keys] if diffs else \
+            ["no per-user ranks on the same users"] + [""] * (len(keys) - 1)
+        lines.append("| " + " | ".join([e.run, e.report["protocol"].get("model", {}).get("name", "?")] + cells) + " |")
+    return lines
+
+
 def _card(report: dict) -> list[str]:
     p = report["protocol"]
     shown = {k: p[k] for k in PROTOCOL_KEYS if k in p}
@@ -220,13 +279,24 @@ def _plot_curves(curves: list[Curve], out: Path) -> None:
     _save(fig, out)
 
 
-def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> Path:
-    """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it."""
+def _baseline_of(group: list[Entry], name: str | None) -> Entry | None:
+    """The baseline run's trained model in a protocol's group (not its popularity evaluation)."""
+    return next((e for e in group if e.run == name and e.report["protocol"].get("model", {}).get("name")
+                 != "popularity"), None)
+
+
+def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str | None = None, log=print) -> Path:
+    """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it. `baseline`:
+    the name of a run to give every other model's paired differences against."""
     if not inputs:
         raise UserError("report: name one or more run folders or eval report files")
     if out.suffix != ".md":
         raise UserError(f"--out {out}: the report is a Markdown file; give a path ending in .md")
     entries, curves = collect(inputs)
+    if baseline is not None and _baseline_of(entries, baseline) is None:
+        names = ", ".join(sorted({e.run for e in entries}))
+        raise UserError(f"--baseline {baseline}: no run of that name with a trained model's eval report; the runs "
+                        f"are: {names}")
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault(protocol_key(e.report), []).append(e)
@@ -243,6 +313,9 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", log=print) -> 
         _plot_metrics(group, plot)
         lines += ["", f"## Protocol {n}" if len(ordered) > 1 else "## Results", ""]
         lines += _table(group, by_run, base)
+        reference = _baseline_of(group, baseline)
+        if reference is not None:
+            lines += [""] + _paired_table(group, reference)
         lines += ["", f"![metrics at each K]({plot.name})", "", "Protocol card:", ""] + _card(group[0].report)
     if curves:
         plot = out.with_name(f"{out.stem}-validation.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -83,3 +84,47 @@ def test_report_refuses_what_is_not_an_eval_report(runs, tmp_path):
     done = run_cli("report", str(runs["a"]), "--out", str(tmp_path / "x.html"))
     assert done.returncode == 2 and "ending in .md" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+def _evaluated(root, name: str, model: str, ranks: list[int | None], users: list[int] | None = None):
+    """A run folder holding one eval report (test split, K 1 and 5) and its per-user ranks."""
+    import polars as pl
+
+    folder = root / name / "reports"
+    folder.mkdir(parents=True)
+    users = users or list(range(len(ranks)))
+    protocol = {"dataset": "fixture", "split": "test", "mask_history": "window", "k": [1, 5],
+                "model": {"name": model}}
+    hits = [r is not None and r <= 5 for r in ranks]
+    report_json = {"users": len(ranks), "protocol": protocol, "metrics": {"recall@5": sum(hits) / len(ranks)}}
+    (folder / "eval-20260101-000000.json").write_text(json.dumps(report_json))
+    pl.DataFrame({"user_idx": users, "target_item_idx": [7] * len(ranks), "rank": ranks},
+                 schema={"user_idx": pl.Int32, "target_item_idx": pl.Int32, "rank": pl.Int64}).write_parquet(
+        folder / "ranks-20260101-000000.parquet")
+    return root / name
+
+
+def test_paired_differences_are_per_user_means_with_their_standard_error(tmp_path):
+    base = _evaluated(tmp_path, "base", "sasrec", [1, 3, None, 12])
+    ours = _evaluated(tmp_path, "ours", "hllm", [2, 1, 5, None])
+    other_users = _evaluated(tmp_path, "elsewhere", "hstu", [1, 1, 1, 1], users=[0, 1, 2, 5])
+    entries, _ = report.collect([base, ours, other_users])
+    by_run = {e.run: e for e in entries}
+    diffs = report.paired_differences(by_run["ours"], by_run["base"], [1, 5])
+    # recall@5: base hits users 0, 1; ours 0, 1, 2 -> differences 0, 0, 1, 0
+    assert diffs["recall@5"] == pytest.approx((0.25, 0.5 / 2))
+    # recall@1: base hits user 0, ours user 1 -> -1, 1, 0, 0 (mean 0, sample sd sqrt(2/3))
+    assert diffs["recall@1"] == pytest.approx((0.0, (2 / 3) ** 0.5 / 2))
+    ndcg5 = [1 / math.log2(3) - 1, 1 - 0.5, 1 / math.log2(6), 0.0]
+    mean = sum(ndcg5) / 4
+    sd = (sum((d - mean) ** 2 for d in ndcg5) / 3) ** 0.5
+    assert diffs["ndcg@5"] == pytest.approx((mean, sd / 2))
+    assert report.paired_differences(by_run["elsewhere"], by_run["base"], [1, 5]) is None  # other users
+
+    page = report.run([base, ours, other_users], tmp_path / "page.md", baseline="base", log=lambda _: None).read_text()
+    assert "Paired against base (sasrec)" in page
+    assert "| ours | hllm | +0.0000 ± 0.4082 | +0.2500 ± 0.2500 |" in page
+    assert "| elsewhere | hstu | no per-user ranks on the same users |" in page
+    assert "| base | sasrec | +" not in page  # the baseline is not compared with itself
+    with pytest.raises(UserError, match="--baseline nope: no run of that name"):
+        report.run([base, ours], tmp_path / "x.md", baseline="nope", log=lambda _: None)
