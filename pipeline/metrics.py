@@ -76,13 +76,17 @@ def popularity_ranks(train_counts: np.ndarray, targets: np.ndarray, histories: S
     return ranks
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> dict[str, float]:
-    """{'recall@K': ..., 'ndcg@K': ...} averaged over users."""
+def per_user_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> dict[str, np.ndarray]:
+    """{'recall@K': (U,), 'ndcg@K': (U,)}: each user's value of each metric."""
     out = {}
     for k in ks:
         hit = ranks <= k
         gains = np.zeros(len(ranks))
         gains[hit] = 1.0 / np.log2(ranks[hit].astype(np.float64) + 1.0)
-        out[f"recall@{k}"] = float(hit.mean()) if len(ranks) else 0.0
-        out[f"ndcg@{k}"] = float(gains.mean()) if len(ranks) else 0.0
+        out[f"recall@{k}"], out[f"ndcg@{k}"] = hit.astype(np.float64), gains
     return out
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> dict[str, float]:
+    """{'recall@K': ..., 'ndcg@K': ...} averaged over users."""
+    return {key: float(values.mean()) if len(ranks) else 0.0 for key, values in per_user_metrics(ranks, ks).items()}

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_text_atomic
+from pipeline.metrics import MISS, per_user_metrics
 
 PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking")
 """What must be equal for two runs' numbers to share a table (K may differ: a missing K is an empty cell)."""
@@ -166,19 +167,13 @@ def ranks_path(report_path: Path) -> Path:
     return report_path.with_name("ranks-" + report_path.name.removeprefix("eval-")).with_suffix(".parquet")
 
 
-def per_user_metrics(ranks_file: Path, ks: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(user_idx, target_item_idx) pairs in user order, and each metric per user: recall@K = rank <= K,
-    NDCG@K = 1 / log2(rank + 1) there (rank 1 is the top; a missing rank is a miss at every K)."""
+def _ranked_users(ranks_file: Path, ks: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(user_idx, target_item_idx) pairs in user order, and each metric per user (a missing rank: a miss)."""
     import polars as pl
 
     table = pl.read_parquet(ranks_file, columns=["user_idx", "target_item_idx", "rank"]).sort("user_idx")
-    rank = table["rank"].fill_null(np.iinfo(np.int64).max).to_numpy().astype(np.float64)
-    metrics = {}
-    for k in ks:
-        hit = rank <= k
-        metrics[f"recall@{k}"] = hit.astype(np.float64)
-        metrics[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 1.0), 0.0)
-    return table.select("user_idx", "target_item_idx").to_numpy(), metrics
+    ranks = table["rank"].fill_null(MISS).to_numpy()
+    return table.select("user_idx", "target_item_idx").to_numpy(), per_user_metrics(ranks, ks)
 
 
 def paired_differences(entry: Entry, baseline: Entry, ks: list[int]) -> dict[str, tuple[float, float]] | None:
@@ -187,7 +182,7 @@ def paired_differences(entry: Entry, baseline: Entry, ks: list[int]) -> dict[str
     paths = [ranks_path(entry.path), ranks_path(baseline.path)]
     if not all(path.is_file() for path in paths):
         return None
-    (pairs, ours), (base_pairs, theirs) = (per_user_metrics(path, ks) for path in paths)
+    (pairs, ours), (base_pairs, theirs) = (_ranked_users(path, ks) for path in paths)
     if not np.array_equal(pairs, base_pairs) or len(pairs) < 2:
         return None
     out = {}
