@@ -43,7 +43,7 @@ class TrainUserConfig:
     baselines: SASRec, no stage one needed) or the sum of both (text + ID)."""
     id_width: int | None = None
     """items=cached+id: numbers per item in the ID table. null: as many as the cached embeddings have (e.g. 384);
-    fewer (e.g. the User LLM's width) with a learned map up to the cached width, which overfits less."""
+    fewer (e.g. the User LLM's width) through one learned map up to the cached width: fewer weights per item."""
     adapter: bool = False
     """A small trainable residual MLP on the cached embeddings (inputs, targets and negatives)."""
     user: UserModelConfig = UserModelConfig(init="stage-one")
