@@ -121,7 +121,7 @@ class IdItems(ItemSource):
     stay small, so AdamW changes them as fast (relative to their size) as in an ID-only model.
 
     `width` narrower than `dim` factorises the table: (N+1, width) rows times a learned (width -> dim) map, so each
-    item has `width` free numbers instead of `dim` (fewer to overfit when `dim` is a text model's width)."""
+    item has `width` free numbers instead of `dim` (a text model's width, e.g. 384)."""
 
     kind = "ID"
 
