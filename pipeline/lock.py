@@ -98,19 +98,10 @@ def job_lock(folder: Path, wait: float | None = 0, log=print, state=None):
         with JobLock(folder, wait, log=log):
             yield
         return
-    import torch.distributed as dist
+    from pipeline.runtime import on_main
 
-    lock, outcome, failure = JobLock(folder, wait, log=log), [None], None
-    if state.is_main_process:
-        try:
-            lock.__enter__()
-        except BaseException as e:  # whatever stops the main process must stop the others, not leave them waiting
-            outcome, failure = [str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"], e
-    dist.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    if outcome[0] is not None:
-        raise UserError(f"the main process could not take the lock: {outcome[0]}")
+    lock = JobLock(folder, wait, log=log)
+    on_main(state, lock.__enter__, failed="the main process could not take the lock: {}")
     try:
         yield
     finally:

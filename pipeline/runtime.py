@@ -43,9 +43,10 @@ def gather_rows(local: np.ndarray, state) -> np.ndarray:
     return np.concatenate(gather_object([local]))
 
 
-def on_main(state, fn: Callable):
-    """fn() on the main process only (writing a manifest, switching CURRENT). Every process learns whether it
-    failed and stops too, rather than waiting at the next barrier for a main process that is gone."""
+def on_main(state, fn: Callable, failed: str = "the main process failed ({}); rerun the job to complete it"):
+    """fn() on the main process only (writing a manifest, switching CURRENT, taking a lock). Every process learns
+    whether it failed and stops too, with `failed` (formatted with the main process's error) as its message,
+    rather than waiting at the next barrier for a main process that is gone."""
     if state is None or state.num_processes == 1:
         return fn()
     import torch.distributed as dist
@@ -55,10 +56,10 @@ def on_main(state, fn: Callable):
         try:
             result = fn()
         except BaseException as e:
-            outcome, failure = [f"{type(e).__name__}: {e}"], e
+            outcome, failure = [str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"], e
     dist.broadcast_object_list(outcome, src=0)
     if failure is not None:
         raise failure
     if outcome[0] is not None:
-        raise UserError(f"the main process failed ({outcome[0]}); rerun the job to complete it")
+        raise UserError(failed.format(outcome[0]))
     return result
