@@ -21,11 +21,15 @@ from pipeline.io import atomic_path, fingerprint
 ADDED_SETTINGS = {"scale_inputs": False, "temperature": None, "adam_beta2": 0.999}
 """Settings added after states were first saved, each with the value that behaves as the code did before it: a
 saved state that lacks one still matches a run that has it at this value."""
+DROPPED_SETTINGS = {"patience"}
+"""Settings that older states recorded but that never decided the weights (patience only says when to stop): a
+saved state that has one still matches a run without it."""
 
 
 def _with_added_settings(old: dict, new: dict) -> dict:
-    """`old` with every ADDED_SETTINGS key that `new` has at the same place and `old` lacks, at its old value."""
-    out = dict(old)
+    """`old` with every ADDED_SETTINGS key that `new` has at the same place and `old` lacks, at its old value, and
+    without the DROPPED_SETTINGS keys that `new` lacks."""
+    out = {key: value for key, value in old.items() if key in new or key not in DROPPED_SETTINGS}
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(old.get(key), dict):
             out[key] = _with_added_settings(old[key], value)

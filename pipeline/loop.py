@@ -73,7 +73,8 @@ class LoopConfig:
     early_stopping_metric: str = "ndcg@200"
     """Validation metric that picks the best epoch: ndcg@K or recall@K, K in 10, 50, 200."""
     patience: int = 2
-    """Stop after this many epochs without improvement."""
+    """Stop after this many epochs without improvement. Resuming a run that stopped early with more patience
+    trains on from where it stopped."""
     checkpoint_every: int = 200
     """Save the resumable state every this many optimizer steps (and after each epoch)."""
     log_every: int = 10
@@ -114,9 +115,10 @@ class LoopConfig:
                               "with K one of 10, 50, 200")
 
     def trajectory(self) -> dict:
-        """The settings that decide the weights after a given step. Logging and saving never do; the budget
-        (epochs, max_steps) does only while the schedule spans the whole run (schedule_steps null)."""
-        skip = {"log_every", "checkpoint_every", "peak_tflops", "tensorboard"}
+        """The settings that decide the weights after a given step. Logging, saving and patience (when to stop)
+        never do; the budget (epochs, max_steps) does only while the schedule spans the whole run (schedule_steps
+        null)."""
+        skip = {"log_every", "checkpoint_every", "peak_tflops", "tensorboard", "patience"}
         if self.schedule_steps is not None:
             skip |= {"epochs", "max_steps"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
@@ -221,6 +223,8 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         progress = saved["state"]
+        # a run that stopped early goes on when resumed with more patience, as if it had had it from the start
+        progress["stopped_early"] = progress["bad_epochs"] >= t.patience
         if accelerator.is_main_process:
             cut_log_after(run_dir / "metrics.jsonl", progress["step"])
         say(f"resuming from {checkpoint.path}: epoch {progress['epoch']}, step {progress['step']}")

@@ -87,6 +87,33 @@ def test_a_state_saved_before_a_setting_existed_resumes_at_its_old_value(cached,
     assert any("resuming" in line and "step 2" in line for line in said)
 
 
+def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(cached, tmp_path, monkeypatch):
+    """Patience only says when to stop: a run that stopped early, resumed with more of it, trains on exactly as a
+    run given that patience from the start. Validation is held flat, so every epoch after the first is a bad one;
+    the stopped run's state records its patience, as states saved before patience left the run's identity did."""
+    real = loop.validate
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: {**real(*a, **k), "ndcg@10": 0.1})
+    common = ("train.epochs=6", "train.early_stopping_metric=ndcg@10")
+    stage_two.run(settings(cached, tmp_path / "resumed", *common, "train.patience=1"), log=quiet)
+    stopped = losses(tmp_path / "resumed")
+    path = tmp_path / "resumed" / "stage2" / "state.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["state"]["stopped_early"] and saved["state"]["epoch"] == 2
+    old = json.loads(saved["settings"])
+    old["train"]["patience"] = 1
+    saved["settings"], saved["fingerprint"] = json.dumps(old), fingerprint(old)
+    torch.save(saved, path)
+    said = []
+    stage_two.run(settings(cached, tmp_path / "resumed", *common, "train.patience=3"), log=said.append)
+    assert any("resuming" in line for line in said)
+    stage_two.run(settings(cached, tmp_path / "straight", *common, "train.patience=3"), log=quiet)
+    resumed, straight = losses(tmp_path / "resumed"), losses(tmp_path / "straight")
+    assert len(straight) == 2 * len(stopped) and resumed == straight
+    a, b = (torch.load(tmp_path / run / "stage2" / "state.pt", weights_only=True) for run in ("resumed", "straight"))
+    assert a["state"]["epoch"] == b["state"]["epoch"] == 4 and a["state"]["stopped_early"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_checkpoint_is_plain_tensors_and_values(cached, tmp_path):
     stage_two.run(settings(cached, tmp_path / "c", "train.max_steps=2", "train.eval_users=0"), log=quiet)
     saved = torch.load(tmp_path / "c" / "stage2" / "state.pt", weights_only=True)
