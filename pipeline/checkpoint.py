@@ -26,13 +26,13 @@ DROPPED_SETTINGS = {"patience"}
 saved state that has one still matches a run without it."""
 
 
-def _with_added_settings(old: dict, new: dict) -> dict:
+def _in_current_terms(old: dict, new: dict) -> dict:
     """`old` with every ADDED_SETTINGS key that `new` has at the same place and `old` lacks, at its old value, and
     without the DROPPED_SETTINGS keys that `new` lacks."""
     out = {key: value for key, value in old.items() if key in new or key not in DROPPED_SETTINGS}
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(old.get(key), dict):
-            out[key] = _with_added_settings(old[key], value)
+            out[key] = _in_current_terms(old[key], value)
         elif key not in old and key in ADDED_SETTINGS:
             out[key] = ADDED_SETTINGS[key]
     return out
@@ -50,7 +50,7 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        old = _with_added_settings(json.loads(saved.get("settings", "{}")), self.settings)
+        old = _in_current_terms(json.loads(saved.get("settings", "{}")), self.settings)
         if saved.get("fingerprint") != self.run_id and fingerprint(old) != self.run_id:
             changed = _differences(old, self.settings)
             extend = ("; runs are extended with more epochs or steps only when train.schedule_steps fixes the "
