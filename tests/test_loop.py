@@ -43,21 +43,39 @@ def losses(run: Path) -> dict[int, float]:
             if "loss" in line}
 
 
+def resumed_and_straight(cached, tmp_path, first: tuple, later: tuple, before_resume=None) -> tuple[dict, dict, dict]:
+    """Losses of a run made with `first`, then resumed with `later` (after `before_resume(state_path)`), and of a
+    run made with `later` from the start: (first part, resumed, straight)."""
+    stage_two.run(settings(cached, tmp_path / "resumed", *first), log=quiet)
+    stopped = losses(tmp_path / "resumed")
+    if before_resume is not None:
+        before_resume(tmp_path / "resumed" / "stage2" / "state.pt")
+    said = []
+    stage_two.run(settings(cached, tmp_path / "resumed", *later), log=said.append)
+    assert any("resuming" in line for line in said)
+    stage_two.run(settings(cached, tmp_path / "straight", *later), log=quiet)
+    return stopped, losses(tmp_path / "resumed"), losses(tmp_path / "straight")
+
+
+def rewrite_saved_settings(path: Path, edit) -> None:
+    """Make the state at `path` look as older code wrote it: `edit(settings)` changes its recorded settings."""
+    saved = torch.load(path, weights_only=True)
+    old = json.loads(saved["settings"])
+    edit(old)
+    saved["settings"], saved["fingerprint"] = json.dumps(old), fingerprint(old)
+    torch.save(saved, path)
+
+
 def test_a_finished_run_extended_with_more_epochs_matches_the_longer_run(cached, tmp_path):
     """With a fixed schedule length the budget is not part of the run's identity: a finished 2-epoch run resumed
     with epochs=4 continues exactly as a 4-epoch run made from the start."""
     fixed = ("train.schedule_steps=40", "train.patience=10")
-    stage_two.run(settings(cached, tmp_path / "short", *fixed, "train.epochs=2"), log=quiet)
-    first = losses(tmp_path / "short")
-    said = []
-    stage_two.run(settings(cached, tmp_path / "short", *fixed, "train.epochs=4"), log=said.append)
-    assert any("resuming" in line for line in said)
-    stage_two.run(settings(cached, tmp_path / "long", *fixed, "train.epochs=4"), log=quiet)
-    extended, straight = losses(tmp_path / "short"), losses(tmp_path / "long")
+    first, extended, straight = resumed_and_straight(cached, tmp_path, (*fixed, "train.epochs=2"),
+                                                     (*fixed, "train.epochs=4"))
     assert len(straight) == 2 * len(first) and extended == straight
     for name in ("model.safetensors", "user_head.safetensors"):
-        a = load_file(tmp_path / "short" / "user_llm" / name)
-        b = load_file(tmp_path / "long" / "user_llm" / name)
+        a = load_file(tmp_path / "resumed" / "user_llm" / name)
+        b = load_file(tmp_path / "straight" / "user_llm" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -73,12 +91,11 @@ def test_a_state_saved_before_a_setting_existed_resumes_at_its_old_value(cached,
     run = tmp_path / "old"
     stage_two.run(settings(cached, run, "train.max_steps=2", "train.epochs=3", "train.eval_users=0",
                            "train.schedule_steps=30"), log=quiet)
-    path = run / "stage2" / "state.pt"
-    saved = torch.load(path, weights_only=True)
-    old = json.loads(saved["settings"])
-    del old["identity"]["model"]["user"]["scale_inputs"], old["train"]["adam_beta2"]
-    saved["settings"], saved["fingerprint"] = json.dumps(old), fingerprint(old)
-    torch.save(saved, path)
+
+    def drop_new_settings(old: dict) -> None:
+        del old["identity"]["model"]["user"]["scale_inputs"], old["train"]["adam_beta2"]
+
+    rewrite_saved_settings(run / "stage2" / "state.pt", drop_new_settings)
     later = ("train.max_steps=4", "train.epochs=3", "train.eval_users=0", "train.schedule_steps=30")
     with pytest.raises(UserError, match=r"train\.adam_beta2: 0\.999 -> 0\.98"):
         stage_two.run(settings(cached, run, *later, "train.adam_beta2=0.98"), log=quiet)
@@ -94,20 +111,14 @@ def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(cached, tmp
     real = loop.validate
     monkeypatch.setattr(loop, "validate", lambda *a, **k: {**real(*a, **k), "ndcg@10": 0.1})
     common = ("train.epochs=6", "train.early_stopping_metric=ndcg@10")
-    stage_two.run(settings(cached, tmp_path / "resumed", *common, "train.patience=1"), log=quiet)
-    stopped = losses(tmp_path / "resumed")
-    path = tmp_path / "resumed" / "stage2" / "state.pt"
-    saved = torch.load(path, weights_only=True)
-    assert saved["state"]["stopped_early"] and saved["state"]["epoch"] == 2
-    old = json.loads(saved["settings"])
-    old["train"]["patience"] = 1
-    saved["settings"], saved["fingerprint"] = json.dumps(old), fingerprint(old)
-    torch.save(saved, path)
-    said = []
-    stage_two.run(settings(cached, tmp_path / "resumed", *common, "train.patience=3"), log=said.append)
-    assert any("resuming" in line for line in said)
-    stage_two.run(settings(cached, tmp_path / "straight", *common, "train.patience=3"), log=quiet)
-    resumed, straight = losses(tmp_path / "resumed"), losses(tmp_path / "straight")
+
+    def stopped_by_old_patience(path: Path) -> None:
+        saved = torch.load(path, weights_only=True)
+        assert saved["state"]["stopped_early"] and saved["state"]["epoch"] == 2
+        rewrite_saved_settings(path, lambda old: old["train"].update(patience=1))
+
+    stopped, resumed, straight = resumed_and_straight(cached, tmp_path, (*common, "train.patience=1"),
+                                                      (*common, "train.patience=3"), stopped_by_old_patience)
     assert len(straight) == 2 * len(stopped) and resumed == straight
     a, b = (torch.load(tmp_path / run / "stage2" / "state.pt", weights_only=True) for run in ("resumed", "straight"))
     assert a["state"]["epoch"] == b["state"]["epoch"] == 4 and a["state"]["stopped_early"]
