@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.sequence_model import SequenceModel, time_features
@@ -127,6 +127,19 @@ def test_adapter_starts_as_identity_and_width_mismatch_is_refused(cached, tmp_pa
     missing = settings(cached, tmp_path / "s", "user.init=stage-one")
     with pytest.raises(UserError, match="no stage-one User LLM"):
         stage.run(missing, log=quiet)
+
+
+def test_stage_one_user_llm_is_trained_further_only_on_inputs_of_its_scale(cached, tmp_path):
+    from pipeline.embeddings.store import load_embeddings
+
+    table = load_embeddings(stage.embeddings_root(settings(cached, tmp_path / "r"))).embeddings
+    build.save_user_llm(_fresh(settings(cached, tmp_path / "r", "user.scale_inputs=true")),
+                        tmp_path / "r" / "user_llm_stage1", {})
+    with pytest.raises(ConfigError, match="user.scale_inputs=true; set user.scale_inputs=true"):
+        stage.build_model(settings(cached, tmp_path / "r", "user.init=stage-one"), table, log=quiet)
+    further = stage.build_model(settings(cached, tmp_path / "r", "user.init=stage-one", "user.scale_inputs=true"),
+                                table, log=quiet)
+    assert further.input_scale == pytest.approx(further.user_llm.dim ** 0.5)
 
 
 def test_train_benchmark_runs_and_writes_json(tmp_path):
