@@ -188,8 +188,9 @@ class Run:
 
 
 def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, seed: int,
-          device_name: str, resume: bool, say=print) -> Run:
-    """accelerate, the batches, AdamW with warm-up + cosine, and the saved state when resuming."""
+          device_name: str, resume: bool, say=print, save_config: Callable[[Path], None] | None = None) -> Run:
+    """accelerate, the batches, AdamW with warm-up + cosine, and the saved state when resuming; `save_config`
+    writes the run's settings, once the state beside them is known to match them."""
     from accelerate import Accelerator
 
     device = device_of(device_name)
@@ -216,6 +217,9 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": None, "bad_epochs": 0, "stopped_early": False,
                 "wall_seconds": 0.0}
     saved = checkpoint.load() if resume else None
+    if save_config is not None and accelerator.is_main_process:  # after load(): a refused resume changes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir / "config.yaml")
     if saved is None and accelerator.is_main_process:  # a fresh start: the log of any earlier run goes with it
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if saved is not None:
@@ -250,12 +254,14 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
 
 def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, *, seed: int,
           device_name: str, resume: bool, save_best: Callable[[SequenceModel, Path], None],
-          load_best: Callable[[SequenceModel, Path], None], name: str, log=print) -> SequenceModel:
+          load_best: Callable[[SequenceModel, Path], None], name: str, log=print,
+          save_config: Callable[[Path], None] | None = None) -> SequenceModel:
     """Train `model` on the training part of `seqs` as `t` says; returns the unwrapped model with the best
     weights. `identity` names what the run depends on besides `t` (model settings, data checksums): a saved
-    state is resumed only when it matches. `save_best`/`load_best` keep the best weights under run_dir/best."""
+    state is resumed only when it matches. `save_best`/`load_best` keep the best weights under run_dir/best;
+    `save_config` writes the resolved settings to run_dir/config.yaml once the saved state is accepted."""
     say = log if distributed_state(device_of(device_name)).is_main_process else (lambda _: None)
-    run = setup(model, seqs, t, run_dir, identity, seed, device_name, resume, say)
+    run = setup(model, seqs, t, run_dir, identity, seed, device_name, resume, say, save_config)
     accelerator, progress, batches, unwrapped = run.accelerator, run.progress, run.batches, run.unwrapped
     rank, world = accelerator.process_index, accelerator.num_processes
     stopping = EarlyStopping(progress, t.patience)

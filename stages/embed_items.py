@@ -144,14 +144,13 @@ def train(config: EmbedItemsConfig, model: SequenceModel, seqs: UserSequences, l
     """End-to-end training of both LLMs on short sequences (pipeline.loop); returns the best epoch's model."""
     run_dir = config.out / "stage1"
     run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed_state(device_of(config.device)).is_main_process:
-        cfg.save(config, run_dir / "config.yaml")
     identity = {"model": {"item": cfg.to_dict(config.item), "user": cfg.to_dict(config.user)},
                 "interactions": sha256_file(config.data / "interactions.parquet"),
                 "items": sha256_file(config.data / "items.parquet")}
     return loop.train(model, seqs, config.train, run_dir, identity, seed=config.seed, device_name=config.device,
                       resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, STAGE_META),
-                      load_best=build.load_model_weights, name="stage one", log=log)
+                      load_best=build.load_model_weights, name="stage one", log=log,
+                      save_config=lambda path: cfg.save(config, path))
 
 
 STAGE_META = {"source": "stage one"}

@@ -115,8 +115,6 @@ def run(config: TrainUserConfig, log=print) -> Path:
     run_dir = config.run / "stage2"
     run_dir.mkdir(parents=True, exist_ok=True)
     state = distributed_state(device)
-    if state.is_main_process:
-        cfg.save(config, run_dir / "config.yaml")
     model_identity = {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items}
     if config.id_width is not None:  # only where set: runs made before the setting existed still resume
         model_identity["id_width"] = config.id_width
@@ -129,7 +127,8 @@ def run(config: TrainUserConfig, log=print) -> Path:
     log(f"stage two: {source}")
     model = loop.train(model, seqs, config.train, run_dir, identity, seed=config.seed, device_name=config.device,
                        resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, meta),
-                       load_best=build.load_model_weights, name="stage two", log=log)
+                       load_best=build.load_model_weights, name="stage two", log=log,
+                       save_config=lambda path: cfg.save(config, path))
     out = config.run / "user_llm"
     if state.is_main_process:  # one writer: every process holds the same weights
         build.save_user_llm(model, out, meta)

@@ -192,6 +192,7 @@ def test_planted_pattern_is_learned(planted, tmp_path, kind):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl")
               if '"loss"' in line]
     assert losses[-1] < losses[0] - 0.5
+    assert cfg.load(type(conf), tmp_path / "run" / "stage1" / "config.yaml", []) == conf  # the settings beside it
 
 
 def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):

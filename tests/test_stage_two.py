@@ -80,6 +80,17 @@ def test_resume_gives_the_same_loss_trajectory(cached, tmp_path, monkeypatch):
         assert torch.equal(wa[key], wb[key])
 
 
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(cached, tmp_path):
+    stage.run(settings(cached, tmp_path / "r", "train.max_steps=2", "train.eval_users=0"), log=quiet)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "stage2").iterdir() if p.is_file()}
+    assert {"config.yaml", "state.pt", "metrics.jsonl"} <= set(before)
+    with pytest.raises(UserError, match="made with other settings or data .*train.lr"):
+        stage.run(settings(cached, tmp_path / "r", "train.max_steps=2", "train.eval_users=0", "train.lr=5e-4"),
+                  log=quiet)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "r" / "stage2").iterdir() if p.is_file()}
+    assert after == before  # config.yaml still describes the state beside it
+
+
 def test_time_and_id_inputs_change_the_output_and_train(cached, tmp_path):
     conf = settings(cached, tmp_path / "t", "user.time_embedding=true", "user.item_id_embedding=true",
                     "train.max_steps=6", "train.eval_users=0")
