@@ -9,7 +9,6 @@ of items) and negatives cost a table lookup. Writes into `run` (stage one's fold
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -77,24 +76,11 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     num_items = num_items if num_items is not None else table.shape[0] - 1
     stage_one = config.run / "user_llm_stage1"
     user_llm = build.user_llm_from(config.user, stage_one, log=log)
-    if config.user.init == "stage-one":
-        check_same_input_path(config.user, stage_one)
     items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width)
     model = build.sequence_model(items, user_llm, config.user)
     if config.user.init == "stage-one":
         build.load_user_head(model, stage_one)
     return model
-
-
-def check_same_input_path(user: UserModelConfig, stage_one: Path) -> None:
-    """Stage one's weights were trained on inputs scaled and projected as it was set; other settings would feed
-    them inputs of another size or skip a map they rely on."""
-    saved = json.loads((stage_one / "user_llm.json").read_text())
-    for key in ("scale_inputs", "projection"):
-        if key in saved and saved[key] != getattr(user, key):
-            raise ConfigError(f"{stage_one}: stage one trained its User LLM with user.{key}="
-                              f"{str(saved[key]).lower()}; set user.{key}={str(saved[key]).lower()} to train it "
-                              "further (user.init=stage-one)")
 
 
 def run(config: TrainUserConfig, log=print) -> Path:

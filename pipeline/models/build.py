@@ -228,6 +228,14 @@ def user_llm_from(config: UserModelConfig, stage_one: Path | None = None, log=pr
                               hidden_size=config.hidden_size, heads=config.heads, dropout=config.dropout)
     if stage_one is None or not (stage_one / "user_llm.json").is_file():
         raise UserError(f"{stage_one}: no stage-one User LLM; run stage one or set user.init=scratch|pretrained")
+    # its weights were trained on inputs scaled and projected as stage one was set: other settings would feed them
+    # inputs of another size or skip a map they rely on
+    saved = json.loads((stage_one / "user_llm.json").read_text())
+    for key in ("scale_inputs", "projection"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise ConfigError(f"{stage_one}: stage one trained its User LLM with user.{key}="
+                              f"{str(saved[key]).lower()}; set user.{key}={str(saved[key]).lower()} to train it "
+                              "further (user.init=stage-one)")
     return load_user_llm(stage_one, config.attn_implementation)
 
 
