@@ -21,6 +21,7 @@ import typer
 
 from pipeline import config as cfg
 from pipeline.errors import UserError
+from pipeline.runtime import leave_process_group
 from stages import embed_items as stage_one
 from stages import evaluate as stage_eval
 from stages import prepare as stage_prepare
@@ -343,21 +344,11 @@ def _parser_exceptions(name: str) -> tuple[type, ...]:
     return tuple(kinds)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: wait for every process, then close the process group, so that no process exits while
-    another still talks to it (an unsynchronised exit can abort the one that is left)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main() -> None:
     try:
         code = command_line().main(expand_multi_value_options(sys.argv[1:]), prog_name="hllm-pipeline",
                                    standalone_mode=False)
-        _leave_process_group()
+        leave_process_group()
         sys.exit(code or 0)
     except _parser_exceptions("Exit") as e:  # --help, --show-settings
         sys.exit(e.exit_code)

@@ -29,6 +29,16 @@ def distributed_state(device: torch.device):
     return PartialState(cpu=device.type == "cpu")
 
 
+def leave_process_group() -> None:
+    """Under torchrun: wait for every process, then close the process group, so that no process exits while
+    another still talks to it (an unsynchronised exit can abort the one that is left). Call it last."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def my_share(n: int, state) -> np.ndarray:
     """This process's contiguous share of positions 0..n-1 (all of them in a single process)."""
     return np.array_split(np.arange(n), state.num_processes)[state.process_index]

@@ -232,6 +232,7 @@ import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch
 from pipeline import config as cfg
+from pipeline.runtime import leave_process_group
 from stages import embed_items as stage
 
 seen = {{}}
@@ -248,6 +249,7 @@ def dump_then_load(*args, **kwargs):  # the end of training, before the best che
     return load(*args, **kwargs)
 stage.build.load_item_llm = dump_then_load
 stage.run(cfg.load(stage.EmbedItemsConfig, sys.argv[1]), log=lambda _: None)
+leave_process_group()
 """)
     outs = {}
     for procs in (1, 2):
@@ -432,6 +434,7 @@ from pipeline.models import build
 from pipeline.models.item_sources import TextItems
 from pipeline.models.llm import ItemLLM
 from pipeline.models.tokens import TokenizedCatalogue
+from pipeline.runtime import leave_process_group
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
 rows = []
@@ -445,6 +448,7 @@ texts = pl.read_parquet({str(planted['data'] / 'items.parquet')!r}).sort("item_i
 source = TextItems(item_llm.eval(), TokenizedCatalogue.build(tokenizer, texts, 16), tokenizer, "right", 4096)
 table = source.table()
 torch.save({{"table": table, "rows": sum(rows)}}, sys.argv[1] + f"/rank{{os.environ.get('RANK', 'single')}}.pt")
+leave_process_group()
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for command in ([sys.executable, str(script), str(tmp_path)],

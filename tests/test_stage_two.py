@@ -178,7 +178,9 @@ def test_two_processes_match_one_process(cached, tmp_path):
                       f"sys.path.insert(0, {str(REPO)!r})\n"
                       "from pipeline import config as cfg\n"
                       "from stages import train_user as stage\n"
-                      "stage.run(cfg.load(stage.TrainUserConfig, sys.argv[1]), log=lambda _: None)\n")
+                      "from pipeline.runtime import leave_process_group\n"
+                      "stage.run(cfg.load(stage.TrainUserConfig, sys.argv[1]), log=lambda _: None)\n"
+                      "leave_process_group()\n")
     weights = {}
     for procs in (1, 2):
         conf = settings(cached, tmp_path / f"p{procs}", "train.max_steps=6", "train.eval_users=0", "train.lr=3e-4",
