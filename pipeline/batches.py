@@ -68,8 +68,11 @@ class StepBatch:
     """(b, L+1) row of each sequence item in the item source's output (padding -> row 0, masked)."""
     item_inputs: dict
     """What the item source's forward takes for the step's distinct items."""
+    row_ids: torch.Tensor
+    """(U,) item_idx of each row of the item source's output."""
     neg_index: torch.Tensor
-    """(k,) rows of this process's negatives in the item source's output."""
+    """(k,) rows of this process's negatives in the item source's output (with a negative table: (K,), -1 for a
+    negative that is not one of the step's own items)."""
     negative_ids: torch.Tensor
     """(K,) item_idx of every negative of the step, in the order the model sees them (gathered order)."""
     times: torch.Tensor | None
@@ -89,8 +92,8 @@ class StepBatch:
 
     def to(self, device: torch.device) -> StepBatch:
         return replace(self, seq_ids=self.seq_ids.to(device), seq_index=self.seq_index.to(device),
-                       item_inputs=_to(self.item_inputs, device), neg_index=self.neg_index.to(device),
-                       negative_ids=self.negative_ids.to(device),
+                       item_inputs=_to(self.item_inputs, device), row_ids=self.row_ids.to(device),
+                       neg_index=self.neg_index.to(device), negative_ids=self.negative_ids.to(device),
                        times=self.times.to(device) if self.times is not None else None,
                        stamps=self.stamps.to(device) if self.stamps is not None else None)
 
@@ -109,20 +112,29 @@ def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarr
                     timestamps: np.ndarray | None = None, time_precision: str | None = None,
                     in_batch_negatives: bool = False, full_catalogue: bool = False) -> StepBatch:
     """Embed each distinct item of the step once: this process's sequence items and negatives (all of them, or
-    its share negatives[rank::world] where the source embeds negatives in shares). With `timestamps`, the batch
+    its share negatives[rank::world] where the source embeds negatives in shares, or none where they are rows of
+    the source's negative table). With `timestamps`, the batch
     carries them, and their calendar fields to `time_precision` where that is given (a time embedding)."""
     local_negs = negatives[rank::world] if source.shard_negatives else negatives
+    if source.negatives_from_table:  # the negatives are rows of the source's table: only the step's items are embedded
+        local_negs = local_negs[:0]
     unique = np.unique(np.concatenate([seq_ids[seq_ids > 0], local_negs]))  # (U,)
     item_inputs, order, tokens = source.prepare(unique)
     row_of = np.empty(len(unique), dtype=np.int64)
     row_of[order] = np.arange(len(order))
     seq_index = np.where(seq_ids > 0, row_of[np.searchsorted(unique, seq_ids)], 0)
+    if source.negatives_from_table:  # a negative's row where it is one of the step's own items, else -1
+        at = np.minimum(np.searchsorted(unique, negatives), len(unique) - 1)
+        neg_index = np.where(unique[at] == negatives, row_of[at], -1)
+    else:
+        neg_index = row_of[np.searchsorted(unique, local_negs)]
     gathered = np.concatenate([negatives[r::world] for r in range(world)]) if source.shard_negatives else negatives
     times = torch.from_numpy(time_features(timestamps, time_precision)) \
         if timestamps is not None and time_precision is not None else None
     return StepBatch(
         seq_ids=torch.from_numpy(seq_ids), seq_index=torch.from_numpy(seq_index), item_inputs=item_inputs,
-        neg_index=torch.from_numpy(row_of[np.searchsorted(unique, local_negs)]),
+        row_ids=torch.from_numpy(unique[order].astype(np.int64)),
+        neg_index=torch.from_numpy(neg_index),
         negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
         stamps=torch.from_numpy(timestamps) if timestamps is not None else None,
         in_batch_negatives=in_batch_negatives, full_catalogue=full_catalogue,

@@ -143,12 +143,20 @@ def _mixed_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def _optimizer(model: torch.nn.Module, t: LoopConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
-                             betas=(0.9, t.adam_beta2))
+def _optimizer(model: SequenceModel, t: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW; an item source with its own learning rate (`items.lr`, e.g. a pretrained Item LLM fine-tuned beside
+    a User LLM trained from scratch) gets its own parameter groups."""
+    parts = [(list(model.parameters()), t.lr)]
+    if getattr(model.items, "lr", None) is not None:
+        own = {id(p) for p in model.items.parameters()}
+        parts = [([p for p in model.parameters() if id(p) not in own], t.lr), (list(model.items.parameters()),
+                                                                              model.items.lr)]
+    groups = []
+    for params, lr in parts:
+        groups += [{"params": [p for p in params if p.requires_grad and p.ndim >= 2], "weight_decay": t.weight_decay,
+                    "lr": lr},
+                   {"params": [p for p in params if p.requires_grad and p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.adam_beta2))
 
 
 def _flops_per_work(model: SequenceModel) -> Callable[[dict], float]:
@@ -278,6 +286,7 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
         epoch = progress["epoch"]
         while progress["batch"] < len(batches) and progress["step"] < run.total_steps:
             step = progress["step"]
+            unwrapped.items.before_step(step)  # e.g. recompute a negative table that is due
             n_micro = min(t.grad_accum, len(batches) - progress["batch"])  # the epoch's last step may be short
             for micro in range(n_micro):
                 # dropout: a distinct stream per (step, micro-step, process), the same after a resume
@@ -352,10 +361,14 @@ def _log_step(run: Run, window: StepWindow, t: LoopConfig, epoch: int, say) -> N
             "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.unwrapped.logit_scale.exp().item(),
             "items_per_s": w["items"] / seconds, "tokens_per_s": w["tokens"] / seconds,
             "positions_per_s": w["positions"] / seconds}
+    age = run.unwrapped.items.table_age(run.progress["step"] - 1)
+    if age is not None:
+        line["table_age"] = age
     if t.peak_tflops:
         peak_flops = t.peak_tflops * 1e12 * run.accelerator.num_processes
         line["mfu"] = _flops_per_work(run.unwrapped)(w) / seconds / peak_flops
     run.log.write(line)
     say(f"step {line['step']}/{run.total_steps} epoch {epoch} loss {line['loss']:.4f} "
         f"negatives kept {line['surviving_negatives']:.1f} lr {line['lr']:.2e} "
-        + (f"{line['tokens_per_s']:.0f} tokens/s" if w["tokens"] else f"{line['positions_per_s']:.0f} positions/s"))
+        + (f"{line['tokens_per_s']:.0f} tokens/s" if w["tokens"] else f"{line['positions_per_s']:.0f} positions/s")
+        + (f" table age {age}" if age is not None else ""))

@@ -36,6 +36,7 @@ from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
 from pipeline.models.item_sources import TextItems
+from pipeline.models.lower_states import kept_lower_states
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
 from pipeline.runtime import device_of, distributed_state, on_main
@@ -60,12 +61,37 @@ class ItemModelConfig:
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    negatives: Literal["encoded", "table"] = "encoded"
+    """Where fine-tuning takes the negatives from. encoded (official): each step encodes its negatives with the
+    Item LLM, with gradients, alongside its own items. table: rows of a table of every item's embedding that the
+    current Item LLM recomputes every `table_refresh_every` steps without gradients; only the step's own items
+    (histories and targets) go through the Item LLM, and train.loss=softmax makes the whole catalogue negatives."""
+    table_refresh_every: int = 50
+    """With negatives=table: recompute the table every this many optimizer steps (1: before every step)."""
+    train_layers: int | None = None
+    """Partial depth: fine-tune only the top this many layers of the Item LLM (with the [ITEM] vector, which then
+    enters at the first trained layer, and the projection); the word embeddings and lower layers stay as loaded.
+    null: every layer and the word embeddings (official)."""
+    lr: float | None = None
+    """Peak learning rate of the Item LLM's trained weights (a pretrained model fine-tuned beside a User LLM
+    trained from scratch may want a smaller one); null: train.lr, as every other weight."""
+    lower_outputs: Literal["disk", "recompute"] = "disk"
+    """With train_layers: keep the frozen layers' per-token outputs, computed once, in a checksummed file under
+    stage1/ (4 bytes x hidden size x catalogue tokens), or recompute them without gradients at every step."""
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 2:
             raise ConfigError(f"item.max_text_tokens={self.max_text_tokens}: must be >= 2")
         if self.token_budget < 1:
             raise ConfigError(f"item.token_budget={self.token_budget}: must be >= 1")
+        if self.table_refresh_every < 1:
+            raise ConfigError(f"item.table_refresh_every={self.table_refresh_every}: must be >= 1 (1 recomputes the "
+                              "negative table before every step)")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise ConfigError(f"item.lr={self.lr}: must be in (0, 1) (e.g. 1e-4), or null for train.lr")
+        if self.train_layers is not None and self.train_layers < 1:
+            raise ConfigError(f"item.train_layers={self.train_layers}: must be >= 1 (the top layers to fine-tune), "
+                              "or null for every layer")
 
 
 @dataclass(frozen=True)
@@ -158,7 +184,8 @@ STAGE_META = {"source": "stage one"}
 
 def _item_meta(config: EmbedItemsConfig) -> dict:
     i = config.item
-    return {"source_model": i.model, "positions": i.positions, "max_text_tokens": i.max_text_tokens}
+    return {"source_model": i.model, "positions": i.positions, "max_text_tokens": i.max_text_tokens,
+            "train_layers": i.train_layers}
 
 
 def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
@@ -241,15 +268,23 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
     seqs, items = _load_data(config.data)
     i = config.item
     user_llm = build.user_llm_from(config.user, log=log)
-    item_llm, tokenizer = build.build_item_llm(i.model, i.init, i.pooling, user_llm.dim, i.attn_implementation,
-                                               i.max_text_tokens, log=log)
+    # with user.projection the User LLM maps the Item LLM's own width; otherwise the Item LLM projects to the User's
+    out_dim = None if config.user.projection else user_llm.dim
+    item_llm, tokenizer = build.build_item_llm(i.model, i.init, i.pooling, out_dim, i.attn_implementation,
+                                               i.max_text_tokens, log=log, train_layers=i.train_layers)
     if i.gradient_checkpointing:
         item_llm.backbone.gradient_checkpointing_enable()
     log(f"tokenizing {items.height:,} item texts (first {i.max_text_tokens} tokens)")
     catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), i.max_text_tokens)
-    source = TextItems(item_llm, catalogue, tokenizer, i.positions, i.token_budget, _item_meta(config))
-    model = build.sequence_model(source, user_llm, config.user)
     device = device_of(config.device)
+    lower = None
+    if config.finetune and i.train_layers is not None and i.lower_outputs == "disk":
+        lower = kept_lower_states(config.out / "stage1", item_llm.to(device), catalogue, i.positions,
+                                  config.embed.token_budget, log=log)
+    source = TextItems(item_llm, catalogue, tokenizer, i.positions, i.token_budget, _item_meta(config),
+                       table_every=i.table_refresh_every if i.negatives == "table" else None, lower_states=lower)
+    source.lr = i.lr
+    model = build.sequence_model(source, user_llm, config.user)
     if config.finetune:
         model = train(config, model, seqs, log=log)
     state = distributed_state(device)

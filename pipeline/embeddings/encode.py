@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.models.llm import ItemLLM
+from pipeline.models.lower_states import LowerStates
 from pipeline.models.tokens import TokenizedCatalogue, budget_batches
 
 
@@ -23,14 +24,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def embed_items(item_llm: ItemLLM, catalogue: TokenizedCatalogue, items: np.ndarray, token_budget: int = 16384,
-                alignment: str = "right", autocast_dtype: torch.dtype | None = None, progress=None) -> torch.Tensor:
-    """Embeddings (len(items), D) in the order of `items` (item_idx), float32 on the CPU."""
+                alignment: str = "right", autocast_dtype: torch.dtype | None = None, progress=None,
+                lower_states: LowerStates | None = None) -> torch.Tensor:
+    """Embeddings (len(items), D) in the order of `items` (item_idx), float32 on the CPU. With partial depth,
+    `lower_states` are the frozen layers' kept outputs, read instead of recomputed."""
     device = next(item_llm.parameters()).device
     n_slots = item_llm.n_item_tokens
     lengths = catalogue.lengths(items) + n_slots
     out = torch.empty(len(items), item_llm.dim, dtype=torch.float32)
     for batch in budget_batches(lengths, token_budget):
-        chunk = {k: v.to(device) for k, v in catalogue.chunk(items[batch], n_slots, alignment).items()}
+        chunk = catalogue.chunk(items[batch], n_slots, alignment)
+        if lower_states is not None:
+            chunk["lower"] = lower_states.chunk(items[batch], chunk["input_ids"].shape[1] - n_slots)
+        chunk = {k: v.to(device) for k, v in chunk.items()}
         with _autocast(device, autocast_dtype):
             emb = item_llm(**chunk)
         out[torch.from_numpy(batch)] = emb.float().cpu()

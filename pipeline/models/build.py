@@ -171,16 +171,17 @@ def _drop_unused_heads(backbone: nn.Module) -> None:
 
 
 def build_item_llm(name: str, init: str, pooling: str, out_dim: int | None, attn_implementation: str = "sdpa",
-                   max_text_tokens: int | None = None, log=print) -> tuple[ItemLLM, object]:
+                   max_text_tokens: int | None = None, log=print, train_layers: int | None = None
+                   ) -> tuple[ItemLLM, object]:
     backbone, location = load_backbone(name, init, attn_implementation, log=log)
     tokenizer = load_tokenizer(location, name)
     _drop_unused_heads(backbone)
     limit = getattr(backbone.config, "max_position_embeddings", None)
     slots = 1 if pooling == "item_token" else 0
     if max_text_tokens is not None and limit is not None and max_text_tokens + slots > limit:
-        raise UserError(f"model.max_text_tokens={max_text_tokens}: {name} has {limit} positions, so at most "
-                        f"{limit - slots} text tokens fit (with the [ITEM] slot); lower model.max_text_tokens")
-    return ItemLLM(backbone, pooling=pooling, out_dim=out_dim), tokenizer
+        raise UserError(f"item.max_text_tokens={max_text_tokens}: {name} has {limit} positions, so at most "
+                        f"{limit - slots} text tokens fit (with the [ITEM] slot); lower item.max_text_tokens")
+    return ItemLLM(backbone, pooling=pooling, out_dim=out_dim, train_layers=train_layers), tokenizer
 
 
 def save_item_llm(item_llm: ItemLLM, tokenizer, path: Path, meta: dict) -> None:
@@ -210,7 +211,8 @@ def load_item_llm(path: Path, attn_implementation: str = "sdpa") -> tuple[ItemLL
     backbone = AutoModel.from_pretrained(path / "backbone", attn_implementation=attn_implementation,
                                          dtype=torch.float32)
     _drop_unused_heads(backbone)
-    item_llm = ItemLLM(backbone, pooling=meta["pooling"], out_dim=meta["dim"])
+    # partial depth: the [ITEM] vector enters at the first trained layer, so the split is part of the model
+    item_llm = ItemLLM(backbone, pooling=meta["pooling"], out_dim=meta["dim"], train_layers=meta.get("train_layers"))
     head = load_file(str(path / "item_head.safetensors"))
     with torch.no_grad():
         if item_llm.item_token is not None:

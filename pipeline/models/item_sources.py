@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.models.llm import ItemLLM
+from pipeline.models.lower_states import LowerStates
 from pipeline.models.tokens import TokenizedCatalogue, budget_batches
 
 
@@ -32,6 +33,19 @@ class ItemSource(nn.Module):
     shard_negatives = False
     """True where embedding an item is expensive: under DDP each process embeds a share of the shared negatives
     and the shares are gathered; otherwise every process looks all of them up itself."""
+    negatives_from_table = False
+    """True where the negatives are rows of `negative_table` (refreshed every few steps, no gradients) instead of
+    being embedded with the step's own items."""
+
+    lr: float | None = None
+    """This source's own peak learning rate; None: the run's."""
+
+    def before_step(self, step: int) -> None:
+        """Called by the training loop on every process before optimizer step `step`."""
+
+    def table_age(self, step: int) -> int | None:
+        """At step `step`, the steps since the negative table was recomputed (None for a source without one)."""
+        return None
 
     def prepare(self, ids: np.ndarray) -> tuple[dict, np.ndarray, int]:
         return {"ids": torch.from_numpy(np.asarray(ids, dtype=np.int64))}, np.arange(len(ids)), 0
@@ -44,12 +58,18 @@ class ItemSource(nn.Module):
 
 class TextItems(ItemSource):
     """The Item LLM over each item's tokenized text; items are encoded in length-sorted chunks under a token
-    budget, each distinct item once per step."""
+    budget, each distinct item once per step.
+
+    `table_every` = N takes the negatives from a table of every item's embedding that the current Item LLM
+    recomputes every N steps (no gradients, the length-sorted passes of the embedding job): only the step's own
+    items (histories and targets) go through the Item LLM with gradients, and the negatives can be the whole
+    catalogue. `lower_states` (partial depth) are the frozen layers' kept outputs, read instead of recomputed."""
 
     kind, shard_negatives = "text", True
 
     def __init__(self, item_llm: ItemLLM, catalogue: TokenizedCatalogue, tokenizer, alignment: str = "right",
-                 token_budget: int = 16384, meta: dict | None = None) -> None:
+                 token_budget: int = 16384, meta: dict | None = None, table_every: int | None = None,
+                 lower_states: LowerStates | None = None) -> None:
         super().__init__()
         self.item_llm = item_llm
         self.catalogue, self.tokenizer = catalogue, tokenizer
@@ -57,16 +77,37 @@ class TextItems(ItemSource):
         self.meta = meta or {}
         """What item_llm.json records beside the weights (source model, positions, max_text_tokens)."""
         self.dim, self.num_items = item_llm.dim, catalogue.num_items
+        self.lower_states = lower_states
+        self.table_every = table_every
+        if table_every is not None:
+            self.shard_negatives, self.negatives_from_table = False, True
+            # part of the saved state: a resumed run goes on with the table the interrupted one had
+            self.register_buffer("negative_table", torch.zeros(self.num_items + 1, self.dim))  # (N+1, D)
+            self.register_buffer("table_step", torch.tensor(-1))
 
     def prepare(self, ids: np.ndarray) -> tuple[dict, np.ndarray, int]:
         n_slots = self.item_llm.n_item_tokens
         lengths = self.catalogue.lengths(ids) + n_slots
         groups = budget_batches(lengths, self.token_budget)
         chunks = [self.catalogue.chunk(ids[g], n_slots, self.alignment) for g in groups]
+        if self.lower_states is not None:
+            for g, chunk in zip(groups, chunks, strict=True):
+                chunk["lower"] = self.lower_states.chunk(ids[g], chunk["input_ids"].shape[1] - n_slots)
         return {"chunks": chunks}, np.concatenate(groups), int(lengths.sum())
 
     def forward(self, inputs: dict) -> torch.Tensor:
         return torch.cat([self.item_llm(**chunk) for chunk in inputs["chunks"]], dim=0)  # (U, D)
+
+    def before_step(self, step: int) -> None:
+        if self.table_every is not None and (self.table_step < 0 or step - int(self.table_step) >= self.table_every):
+            was_training = self.item_llm.training
+            self.item_llm.eval()  # as the embedding job: no dropout
+            self.negative_table.copy_(self.table())
+            self.item_llm.train(was_training)
+            self.table_step.fill_(step)
+
+    def table_age(self, step: int) -> int | None:
+        return step - int(self.table_step) if self.table_every is not None else None
 
     @torch.no_grad()
     def table(self) -> torch.Tensor:
@@ -81,7 +122,8 @@ class TextItems(ItemSource):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         parts = np.array_split(items, world)
         rank = dist.get_rank() if world > 1 else 0
-        mine = embed_items(self.item_llm, self.catalogue, parts[rank], self.token_budget, self.alignment).to(device)
+        mine = embed_items(self.item_llm, self.catalogue, parts[rank], self.token_budget, self.alignment,
+                           lower_states=self.lower_states).to(device)
         out = torch.zeros(self.num_items + 1, self.dim, device=device)
         if world == 1:
             out[1:] = mine

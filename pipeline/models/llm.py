@@ -7,6 +7,8 @@ D the item embedding size (the Item LLM projects to it when its own hidden size 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -19,9 +21,14 @@ class ItemLLM(nn.Module):
     pooling="item_token" (official): a placeholder position appended after the text has its input embedding
     replaced by a learnable [ITEM] vector; the item embedding is the last layer's hidden state there.
     pooling="mean": the mean of the last layer's hidden states over the text tokens.
+
+    train_layers=K (partial depth) splits the model: the word embeddings and the lower blocks are frozen and read
+    the text alone (`lower`: their per-token outputs, which can be computed once per item and kept); the top K blocks
+    read those outputs, plus the [ITEM] vector, which enters there (at the first trained block), and are trained.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str = "item_token", out_dim: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, pooling: str = "item_token", out_dim: int | None = None,
+                 train_layers: int | None = None) -> None:
         super().__init__()
         if pooling not in ("item_token", "mean"):
             raise ValueError(f"pooling must be 'item_token' or 'mean', got {pooling!r}")
@@ -32,27 +39,149 @@ class ItemLLM(nn.Module):
             else None
         self.proj = nn.Linear(hidden, out_dim) if out_dim is not None and out_dim != hidden else None
         self.dim = out_dim or hidden
+        self.train_layers = train_layers
+        if train_layers is not None:
+            self.split = BlockSplit(backbone, train_layers)
+            self.split.freeze_lower()
 
     @property
     def n_item_tokens(self) -> int:
         return 1 if self.pooling == "item_token" else 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                lower: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask, position_ids: (B, T), left-padded; with item_token pooling the last
-        position of every row is the [ITEM] slot (its id is ignored). Returns (B, D)."""
-        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
-        if self.item_token is not None:
-            slot = self.item_token.to(embeds.dtype).expand(embeds.shape[0], 1, -1)  # (B, 1, H)
-            embeds = torch.cat([embeds[:, :-1], slot], dim=1)  # (B, T, H)
-        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # (B, T, H)
+        position of every row is the [ITEM] slot (its id is ignored). With partial depth, `lower` (B, T - slots, H)
+        is the frozen part's output at the text positions when kept; it is computed here otherwise. Returns (B, D)."""
+        if self.train_layers is None:
+            embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
+            if self.item_token is not None:
+                embeds = torch.cat([embeds[:, :-1], self._slot(embeds)], dim=1)  # (B, T, H)
+            hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state  # (B, T, H)
+        else:
+            text = input_ids.shape[1] - self.n_item_tokens
+            if lower is None:
+                lower = self.lower(input_ids[:, :text], attention_mask[:, :text], position_ids[:, :text])
+            x = lower if self.item_token is None else torch.cat([lower, self._slot(lower)], dim=1)  # (B, T, H)
+            hidden = self.split.upper(x, attention_mask, position_ids)  # (B, T, H)
         if self.item_token is not None:
             emb = hidden[:, -1]  # (B, H)
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
         return self.proj(emb) if self.proj is not None else emb  # (B, D)
+
+    def _slot(self, like: torch.Tensor) -> torch.Tensor:
+        return self.item_token.to(like.dtype).expand(like.shape[0], 1, -1)  # (B, 1, H)
+
+    @torch.no_grad()
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+              ) -> torch.Tensor:
+        """Partial depth: the frozen part's per-token output (B, T, H) for text-only chunks, always without dropout
+        (what is kept on disk and what is recomputed must be the same)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            return self.split.lower(input_ids, attention_mask, position_ids)
+        finally:
+            self.backbone.train(was_training)
+
+
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+"""What decoders call the norm after their last block (Llama, Qwen, Mistral: norm; GPT-2: ln_f; OPT ...)."""
+
+
+class _PassThrough(nn.Module):
+    """Stands in for an encoder's embedding module (word + position + type embeddings and a norm) when the blocks
+    are fed states that already went through it."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **_) -> torch.Tensor:
+        return inputs_embeds
+
+
+class BlockSplit:
+    """A backbone cut between its frozen lower blocks and its top `k` trained blocks. Each part runs through the
+    model's own forward (its masks, rotary positions and kernels) with the block list cut to that part's blocks:
+    the upper part skips the embedding module (its input is the lower part's output), the lower part skips the
+    final norm. `check` proves the two parts together compute what the whole model does."""
+
+    def __init__(self, backbone: nn.Module, k: int) -> None:
+        self.backbone = backbone
+        self.parent, self.name = _block_list(backbone)
+        self.blocks = getattr(self.parent, self.name)
+        if not 1 <= k <= len(self.blocks):
+            raise UserError(f"item.train_layers={k}: the Item LLM has {len(self.blocks)} layers; use 1 to "
+                            f"{len(self.blocks)}, or null to train every layer and the word embeddings")
+        self.cut = len(self.blocks) - k
+        self.final_norm = next((n for n in FINAL_NORMS if isinstance(getattr(backbone, n, None), nn.Module)), None)
+        self.check()
+
+    def freeze_lower(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for block in self.blocks[self.cut:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        if self.final_norm is not None:
+            getattr(self.backbone, self.final_norm).requires_grad_(True)
+
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+              ) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
+        with self._swapped(self.blocks[:self.cut], upper=False):
+            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids).last_hidden_state
+
+    def upper(self, states: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with self._swapped(self.blocks[self.cut:], upper=True):
+            return self.backbone(inputs_embeds=states, attention_mask=attention_mask,
+                                 position_ids=position_ids).last_hidden_state
+
+    @contextlib.contextmanager
+    def _swapped(self, blocks: nn.ModuleList, upper: bool):
+        saved = {(self.parent, self.name): self.blocks}
+        setattr(self.parent, self.name, blocks)
+        if upper and isinstance(getattr(self.backbone, "embeddings", None), nn.Module):
+            saved[(self.backbone, "embeddings")] = self.backbone.embeddings
+            self.backbone.embeddings = _PassThrough()
+        if not upper and self.final_norm is not None:
+            saved[(self.backbone, self.final_norm)] = getattr(self.backbone, self.final_norm)
+            setattr(self.backbone, self.final_norm, nn.Identity())
+        try:
+            yield
+        finally:
+            for (module, name), original in saved.items():
+                setattr(module, name, original)
+
+    @torch.no_grad()
+    def check(self) -> None:
+        """Refuse an architecture whose split does not reproduce the whole model (one that adds positions to
+        inputs_embeds inside its forward, such as GPT-2, would add them twice)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        vocab = self.backbone.get_input_embeddings().num_embeddings
+        ids = torch.arange(10).remainder(vocab).view(2, 5).to(next(self.backbone.parameters()).device)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        whole = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        split = self.upper(self.lower(ids, mask, positions), mask, positions)
+        self.backbone.train(was_training)
+        if not torch.allclose(whole[mask.bool()], split[mask.bool()], atol=1e-4, rtol=1e-3):
+            raise UserError(f"item.train_layers: {type(self.backbone).__name__} cannot be cut between its layers "
+                            "here (its parts do not reproduce the whole model); set item.train_layers=null")
+
+
+def _block_list(backbone: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the backbone's list of transformer blocks, and that list's attribute name."""
+    n = backbone.config.num_hidden_layers
+    for module in backbone.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                return module, name
+    raise UserError(f"item.train_layers: found no list of {n} layers in {type(backbone).__name__}; set "
+                    "item.train_layers=null")
 
 
 class UserLLM(nn.Module):

@@ -124,6 +124,10 @@ class SequenceModel(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
         rows = self.items(batch.item_inputs)  # (U, D_item) the step's distinct items
+        if self.items.negatives_from_table:
+            # every score reads the table's values, the step's own items with the fresh rows' gradient: an item
+            # encoded since the table was made must not stand out from the negatives by its newness alone
+            rows = self.items.negative_table[batch.row_ids] + (rows - rows.detach())
         seq_ids = batch.seq_ids  # (B, L+1) item_idx, left-padded with 0
         input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
         mask = input_ids > 0  # (B, L)
@@ -133,8 +137,16 @@ class SequenceModel(nn.Module):
         hidden = self.user_llm(inputs, mask.long(), stamps)  # (B, L, D)
         valid = mask & (target_ids > 0)  # (B, L)
         valid_target_ids = target_ids[valid]  # (P,)
-        negatives = gather_rows(rows, batch.neg_index)  # (k, D_item) this process's negatives
-        if batch.full_catalogue:  # negatives = items 1..N in order: plain cross-entropy, the fast way
+        if self.items.negatives_from_table:  # rows of a table the Item LLM recomputes every few steps
+            negatives = self.items.negative_table[batch.negative_ids]  # (K, D_item)
+            # a negative that is one of the step's own items is also pushed away, through its fresh row's gradient
+            own = (batch.neg_index >= 0)[:, None]  # (K, 1)
+            negatives = torch.where(own, gather_rows(rows, batch.neg_index.clamp(min=0)), negatives)
+        else:
+            negatives = gather_rows(rows, batch.neg_index)  # (k, D_item) this process's negatives
+        if batch.full_catalogue and not self.items.negatives_from_table:
+            # negatives = items 1..N in order: plain cross-entropy, the fast way (the targets' own rows are the
+            # positives, which a table's stale rows must not be)
             if self.project_out is not None:
                 return projected_softmax_loss(hidden[valid], self.project_out, valid_target_ids, negatives,
                                               self.logit_scale)
