@@ -195,8 +195,12 @@ def test_planted_pattern_is_learned(planted, tmp_path, kind):
     assert cfg.load(type(conf), tmp_path / "run" / "stage1" / "config.yaml", []) == conf  # the settings beside it
 
 
-def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
-    extra = ("train.max_steps=9", "train.checkpoint_every=4", "train.eval_users=0")
+@pytest.mark.parametrize("paths", [(), ("item.negatives=table", "item.table_refresh_every=3", "item.train_layers=1")],
+                         ids=["official", "table-negatives-partial-depth"])
+def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch, paths):
+    """A run killed at step 6 resumes from its step-4 state (with the negative table made at step 3 and the kept
+    lower-layer outputs, where used) and ends with the uninterrupted run's weights."""
+    extra = (*paths, "train.max_steps=9", "train.checkpoint_every=4", "train.eval_users=0")
     stage.run(settings(planted, tmp_path / "straight", *extra), log=quiet)
 
     real = loop.make_step_batch
@@ -205,6 +209,7 @@ def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch):
         stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
     saved = torch.load(tmp_path / "resumed" / "stage1" / "state.pt", weights_only=True)
     assert saved["state"]["step"] == 4
+    assert int(saved["model"].get("items.table_step", 3)) == 3
     monkeypatch.setattr(loop, "make_step_batch", real)
     stage.run(settings(planted, tmp_path / "resumed", *extra), log=quiet)
     for sub in ("item_llm/backbone/model.safetensors", "item_llm/item_head.safetensors",
