@@ -65,7 +65,8 @@ class ItemModelConfig:
     """Where fine-tuning takes the negatives from. encoded (official): each step encodes its negatives with the
     Item LLM, with gradients, alongside its own items. table: rows of a table of every item's embedding that the
     current Item LLM recomputes every `table_refresh_every` steps without gradients; only the step's own items
-    (histories and targets) go through the Item LLM, and train.loss=softmax makes the whole catalogue negatives."""
+    (histories and targets) go through the Item LLM, with gradients (also where they are negatives), every score
+    reads the table's values, and train.loss=softmax makes the whole catalogue negatives."""
     table_refresh_every: int = 50
     """With negatives=table: recompute the table every this many optimizer steps (1: before every step)."""
     train_layers: int | None = None
