@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -464,4 +465,107 @@ def bench_refresh(run: Path, out: Path, fraction: float = 0.01, token_budget: in
     write_json_atomic(out, result)
     log(f"refresh of {result['edited']:,}/{n:,} items: embedding {embed_s:.2f}s = "
         f"{result['refresh_embedding_vs_full_pass']:.1%} of the full pass's {full_s:.1f}s; whole job {refresh_s:.1f}s")
+    return result
+
+
+STAGE_ONE_PATHS = {
+    "official": (),
+    "table": ("item.negatives=table",),
+    "top-layer": ("item.train_layers=1",),
+    "top-layer+table": ("item.train_layers=1", "item.negatives=table"),
+    "lora-r8": ("item.lora_rank=8",),
+}
+"""Stage-one paths timed by `bench stage-one` (settings on top of the common ones); official: every distinct item
+of the step, each shared negative included, through the whole Item LLM with gradients."""
+
+
+def _item_weights_run(item_llm) -> int:
+    """Weights a training token passes through (embedding tables excluded): the trained top layers with partial
+    depth (the lower layers' outputs are read from disk), otherwise every layer (LoRA: the wrapped layers too)."""
+    scope = item_llm.split.blocks[item_llm.split.cut:] if item_llm.train_layers is not None else item_llm.backbone
+    return sum(p.numel() for n, p in scope.named_parameters() if "embed" not in n and ".lora_" not in n)
+
+
+def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...] = (512, 0), batch_size: int = 128,
+                    max_len: int = 50, steps: int = 2, refresh_every: int = 5, paths: tuple[str, ...] = (),
+                    log=print) -> dict:
+    """Seconds per stage-one step of the official path against each cheaper one, on the same batches and
+    negatives (0: the whole catalogue; a softmax for table paths, every item encoded with gradients otherwise).
+    A table path's refresh is timed on its own and spread over `refresh_every` steps."""
+    import tempfile
+
+    from pipeline import config as cfg
+    from pipeline import loop
+    from pipeline.batches import SequenceBatches, make_step_batch, sample_negatives
+    from pipeline.data.sequences import training_windows
+    from stages import embed_items as stage
+
+    unknown = [p for p in paths if p not in STAGE_ONE_PATHS]
+    if unknown:
+        raise UserError(f"bench stage-one: unknown path {unknown[0]!r}; available: {', '.join(STAGE_ONE_PATHS)}")
+    if steps < 1 or batch_size < 1 or refresh_every < 1 or any(n < 0 for n in negatives):
+        raise UserError("bench stage-one: --steps, --batch-size, --refresh-every >= 1 and --negatives >= 0 "
+                        "(0: the whole catalogue) are required")
+    seqs, items = stage._load_data(data)
+    batches = SequenceBatches(training_windows(seqs, max_len, "chunks"), batch_size, 0)
+    rows = []
+    for count in negatives:
+        for name in paths or STAGE_ONE_PATHS:
+            extra = STAGE_ONE_PATHS[name]
+            table = "item.negatives=table" in extra
+            with tempfile.TemporaryDirectory() as tmp:
+                conf = cfg.load(stage.EmbedItemsConfig, None, [
+                    f"data={data}", f"out={tmp}", f"item.model={model}", "item.pooling=mean", "item.positions=left",
+                    "item.max_text_tokens=32", "item.token_budget=8192", "user.name=hstu", "user.projection=true",
+                    "user.scale_inputs=true", f"train.batch_size={batch_size}", f"train.max_len={max_len}",
+                    "train.lr=1e-3", f"item.table_refresh_every={refresh_every}", "device=cpu", *extra])
+                torch.manual_seed(0)
+                seq_model, _, _ = stage.build_model(conf, items, log=lambda _: None)
+                optimizer = loop.make_optimizer(seq_model, conf.train)
+                refresh_s = None
+                if table:
+                    refresh_s, _ = _timed(partial(seq_model.items.before_step, 0), 1)  # step 0: the first table
+                everything = count == 0
+                times, work = [], []
+                for step in range(steps + 1):  # the first step warms up (and makes the optimizer's state)
+                    sampled = np.arange(1, seqs.num_items + 1) if everything else \
+                        sample_negatives(seqs.num_items, count, 0, step, 0)
+                    start = time.perf_counter()
+                    batch = make_step_batch(seq_model.items, batches.item_ids(0, step), sampled, 0, 1,
+                                            full_catalogue=everything and table)
+                    seq_model(batch).loss_per_position.mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if step > 0:
+                        times.append(time.perf_counter() - start)
+                        work.append((batch.items, batch.tokens, batch.positions))
+            seconds = float(np.mean(times))
+            items_per_step, tokens, positions = (float(np.mean(w)) for w in zip(*work, strict=True))
+            user_weights = sum(p.numel() for n, p in seq_model.user_llm.named_parameters() if "embed" not in n)
+            flops = 6 * (_item_weights_run(seq_model.items.item_llm) * tokens + user_weights * positions)
+            amortized = seconds + (refresh_s / refresh_every if refresh_s is not None else 0.0)
+            row = {"path": name, "settings": list(extra), "negatives": count or seqs.num_items,
+                   "whole_catalogue": everything, "seconds_per_step": round(seconds, 3),
+                   "table_refresh_seconds": None if refresh_s is None else round(refresh_s, 3),
+                   "seconds_per_step_with_refresh": round(amortized, 3),
+                   "items_through_item_llm_per_step": round(items_per_step, 1),
+                   "items_per_s": round(items_per_step / amortized, 1), "item_tokens_per_step": round(tokens),
+                   "train_flops_per_s": round(flops / seconds, 1)}
+            rows.append(row)
+            log(f"{count or 'all':>4} negatives, {name:16s}: {amortized:7.2f} s/step"
+                + (f" ({seconds:.2f} + a {refresh_s:.1f} s refresh / {refresh_every})" if refresh_s else "")
+                + f", {items_per_step:.0f} items through the Item LLM")
+    for row in rows:
+        official = next((r for r in rows if r["path"] == "official" and r["negatives"] == row["negatives"]), None)
+        row["speedup_over_official"] = None if official is None else \
+            round(official["seconds_per_step_with_refresh"] / row["seconds_per_step_with_refresh"], 2)
+    result = {"benchmark": "stage-one", "machine": machine(), "data": str(data), "model": model,
+              "batch_size": batch_size, "max_len": max_len, "item_max_text_tokens": 32, "refresh_every": refresh_every,
+              "timed_steps": steps, "dtype": "float32",
+              "flops": "6 x (Item LLM weights a token passes through x item tokens + User LLM weights x positions); "
+                       "a table refresh's forward is not counted",
+              "results": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    log(f"written to {out}")
     return result

@@ -148,6 +148,30 @@ def bench_train(
               batch_positions, steps, peak_tflops=peak_tflops, log=_log)
 
 
+@bench_app.command("stage-one")
+def bench_stage_one(
+    data: Annotated[Path, typer.Option(help="Canonical tables to train on.")] = Path("artifacts/ml-1m/data"),
+    model: Annotated[str, typer.Option(help="Item LLM.")] = "minilm-l6",
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench/results/stage-one-cpu.json"),
+    negatives: Annotated[list[int] | None, typer.Option("--negatives", help="Shared negatives per step (repeat the "
+                                                        "option; 0: the whole catalogue).")] = None,
+    path: Annotated[list[str] | None, typer.Option("--path", help="Paths to time (repeat the option; default: "
+                                                   "official, table, top-layer, top-layer+table, lora-r8).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 128,
+    max_len: Annotated[int, typer.Option(help="Items per sequence.")] = 50,
+    steps: Annotated[int, typer.Option(help="Timed steps per path (after one warm-up step).")] = 2,
+    refresh_every: Annotated[int, typer.Option(help="Steps a table refresh is spread over.")] = 5,
+) -> None:
+    """Seconds per stage-one step, items/s and FLOP/s: the official step against the cheaper paths (negative
+    table, top layer with kept lower outputs, LoRA) on the same batches and negatives."""
+    from bench.benchmarks import bench_stage_one as run_bench
+
+    if not (data / "items.parquet").is_file():
+        raise UserError(f"{data}: no items.parquet; run `make data DATASET=ml-1m` first")
+    run_bench(data, model, out, tuple(negatives or (512, 0)), batch_size, max_len, steps, refresh_every,
+              tuple(path or ()), log=_log)
+
+
 @bench_app.command("refresh")
 def bench_refresh(
     run: Annotated[Path, typer.Option(help="Run folder with item_llm/ and embeddings/ (it is copied, not changed).")

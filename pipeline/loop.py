@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -143,7 +144,7 @@ def _mixed_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def _optimizer(model: SequenceModel, t: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: SequenceModel, t: LoopConfig) -> torch.optim.Optimizer:
     """AdamW; an item source with its own learning rate (`items.lr`, e.g. a pretrained Item LLM fine-tuned beside
     a User LLM trained from scratch) gets its own parameter groups."""
     parts = [(list(model.parameters()), t.lr)]
@@ -201,6 +202,11 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     writes the run's settings, once the state beside them is known to match them."""
     from accelerate import Accelerator
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # FSDP2 shards each weight across processes; the checkpoint, the best weights, the negative table and
+        # validation read whole weights here (and on CPU accelerate would run plain DDP without a word)
+        raise ConfigError("accelerate FSDP is not supported by this training loop (its checkpoints, negative table "
+                          "and validation need whole weights); launch with stages/configs/accelerate/ddp.yaml")
     device = device_of(device_name)
     distributed_state(device)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision, device), cpu=device.type == "cpu",
@@ -218,7 +224,7 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     batches = SequenceBatches(windows, t.batch_size, seed)
     total_steps = min(math.ceil(len(batches) / t.grad_accum) * t.epochs, t.max_steps or 10**12)
     horizon = t.schedule_steps or total_steps
-    optimizer = _optimizer(model, t)
+    optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(horizon, int(t.warmup_ratio * horizon)))
     checkpoint = Checkpoint(run_dir / "state.pt", {"identity": identity, "train": t.trajectory(), "seed": seed,
                                                    "world": world})

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256, sha256_file
 from pipeline.lock import job_lock
 from pipeline.loop import LoopConfig
-from pipeline.models import build
+from pipeline.models import build, llm
 from pipeline.models.build import UserModelConfig
 from pipeline.models.item_sources import TextItems
 from pipeline.models.lower_states import kept_lower_states
@@ -79,6 +79,15 @@ class ItemModelConfig:
     lower_outputs: Literal["disk", "recompute"] = "disk"
     """With train_layers: keep the frozen layers' per-token outputs, computed once, in a checksummed file under
     stage1/ (4 bytes x hidden size x catalogue tokens), or recompute them without gradients at every step."""
+    lora_rank: int | None = None
+    """LoRA (peft; pip install 'hllm-pipeline[lora]'): train low-rank adapters of this rank on the Item LLM's linear
+    layers (with train_layers, those of the trained top layers only) instead of their weights, and merge them into
+    plain weights when training ends. null: no adapters, the weights themselves are trained."""
+    lora_alpha: float = 32.0
+    """LoRA: an adapter's update is scaled by lora_alpha / lora_rank."""
+    lora_targets: tuple[str, ...] = ()
+    """LoRA: names or name endings of the linear layers to wrap (e.g. query,value or q_proj,v_proj); empty: every
+    linear layer in scope."""
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 2:
@@ -90,6 +99,8 @@ class ItemModelConfig:
                               "negative table before every step)")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ConfigError(f"item.lr={self.lr}: must be in (0, 1) (e.g. 1e-4), or null for train.lr")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"item.lora_rank={self.lora_rank}: must be >= 1 (e.g. 8), or null for no adapters")
         if self.train_layers is not None and self.train_layers < 1:
             raise ConfigError(f"item.train_layers={self.train_layers}: must be >= 1 (the top layers to fine-tune), "
                               "or null for every layer")
@@ -150,6 +161,9 @@ class EmbedItemsConfig:
     """Continue from stage1/state.pt when it exists and was made with the same settings."""
 
     def __post_init__(self) -> None:
+        if self.item.lora_rank is not None and not self.finetune:
+            raise ConfigError(f"item.lora_rank={self.item.lora_rank}: adapters are trained by fine-tuning; set "
+                              "finetune=true or item.lora_rank=null")
         if self.user.init == "stage-one":
             raise ConfigError("user.init=stage-one is for stage two; stage one trains its User LLM from "
                               "user.init=pretrained or scratch")
@@ -263,10 +277,10 @@ def _write_shards(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalo
     return meter.rates()
 
 
-def run(config: EmbedItemsConfig, log=print) -> Path:
-    """Stage one: (fine-tune and) embed. Returns the embeddings version folder."""
-    torch.manual_seed(config.seed)
-    seqs, items = _load_data(config.data)
+def build_model(config: EmbedItemsConfig, items: pl.DataFrame, log=print
+                ) -> tuple[SequenceModel, object, TokenizedCatalogue]:
+    """The stage-one model `config` asks for: the User LLM, and the Item LLM (with partial depth and LoRA where
+    set) over the tokenized catalogue (with the negative table and the kept lower-layer outputs where set)."""
     i = config.item
     user_llm = build.user_llm_from(config.user, log=log)
     # with user.projection the User LLM maps the Item LLM's own width; otherwise the Item LLM projects to the User's
@@ -277,19 +291,31 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
         item_llm.backbone.gradient_checkpointing_enable()
     log(f"tokenizing {items.height:,} item texts (first {i.max_text_tokens} tokens)")
     catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), i.max_text_tokens)
-    device = device_of(config.device)
     lower = None
     if config.finetune and i.train_layers is not None and i.lower_outputs == "disk":
-        lower = kept_lower_states(config.out / "stage1", item_llm.to(device), catalogue, i.positions,
-                                  config.embed.token_budget, log=log)
+        lower = kept_lower_states(config.out / "stage1", item_llm.to(device_of(config.device)), catalogue,
+                                  i.positions, config.embed.token_budget, log=log)
+    if i.lora_rank is not None:  # after the kept outputs, whose key is the frozen weights as loaded
+        wrapped = llm.add_lora(item_llm, i.lora_rank, i.lora_alpha, i.lora_targets)
+        log(f"LoRA rank {i.lora_rank} on {wrapped} linear layers of the Item LLM: "
+            f"{sum(p.numel() for p in item_llm.parameters() if p.requires_grad):,} trained parameters")
     source = TextItems(item_llm, catalogue, tokenizer, i.positions, i.token_budget, _item_meta(config),
                        table_every=i.table_refresh_every if i.negatives == "table" else None, lower_states=lower)
     source.lr = i.lr
-    model = build.sequence_model(source, user_llm, config.user)
+    return build.sequence_model(source, user_llm, config.user), tokenizer, catalogue
+
+
+def run(config: EmbedItemsConfig, log=print) -> Path:
+    """Stage one: (fine-tune and) embed. Returns the embeddings version folder."""
+    torch.manual_seed(config.seed)
+    seqs, items = _load_data(config.data)
+    model, tokenizer, catalogue = build_model(config, items, log=log)
     if config.finetune:
         model = train(config, model, seqs, log=log)
+    device = device_of(config.device)
     state = distributed_state(device)
     item_llm = model.items.item_llm
+    llm.merge_lora(item_llm)  # with LoRA: every later reader (embedding job, refresh, eval) sees an ordinary model
     if state.is_main_process:  # one writer: every process holds the same weights
         build.save_item_llm(item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
         build.save_user_llm(model, config.out / "user_llm_stage1",

@@ -160,13 +160,22 @@ def test_bad_model_settings_are_one_line_errors(planted, tmp_path):
         ([f"item.model={planted['llama']}", f"user.name={planted['bert']}"], "causal decoder"),
         ([f"item.model={planted['llama']}", "train.batch_size=0"], "train.batch_size=0: must be >= 1"),
         ([f"item.model={planted['llama']}", "item.pooling=cls"], "expected one of item_token, mean"),
+        # the cheaper stage-one paths
+        ([f"item.model={planted['llama']}", "item.train_layers=5"], "item.train_layers=5: the Item LLM has 2 layers"),
+        ([f"item.model={planted['llama']}", "item.train_layers=0"], "item.train_layers=0: must be >= 1"),
+        ([f"item.model={planted['llama']}", "item.table_refresh_every=0"], "item.table_refresh_every=0: must be >= 1"),
+        ([f"item.model={planted['llama']}", "item.lora_rank=0"], "item.lora_rank=0: must be >= 1"),
+        ([f"item.model={planted['llama']}", "item.lora_rank=4", "finetune=false"], "trained by fine-tuning"),
+        ([f"item.model={planted['llama']}", "item.lora_rank=4", "item.lora_targets=query,value"],
+         "no linear layer of LlamaModel matches"),
     ]
     for extra, message in cases:
-        done = run_cli("embed-items", *base, *extra)
+        done = run_cli("embed-items", *base, "item.max_text_tokens=16", *extra)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
         assert "Traceback" not in done.stderr
+        assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -195,8 +204,9 @@ def test_planted_pattern_is_learned(planted, tmp_path, kind):
     assert cfg.load(type(conf), tmp_path / "run" / "stage1" / "config.yaml", []) == conf  # the settings beside it
 
 
-@pytest.mark.parametrize("paths", [(), ("item.negatives=table", "item.table_refresh_every=3", "item.train_layers=1")],
-                         ids=["official", "table-negatives-partial-depth"])
+@pytest.mark.parametrize("paths", [(), ("item.negatives=table", "item.table_refresh_every=3", "item.train_layers=1"),
+                                   ("item.lora_rank=4",)],
+                         ids=["official", "table-negatives-partial-depth", "lora"])
 def test_training_resumes_exactly_after_a_crash(planted, tmp_path, monkeypatch, paths):
     """A run killed at step 6 resumes from its step-4 state (with the negative table made at step 3 and the kept
     lower-layer outputs, where used) and ends with the uninterrupted run's weights."""
@@ -225,6 +235,17 @@ def test_resume_with_other_settings_is_refused(planted, tmp_path):
     with pytest.raises(UserError, match="made with other settings"):
         stage.run(settings(planted, tmp_path / "r", "train.max_steps=2", "train.lr=1e-2", "train.eval_users=0"),
                   log=quiet)
+
+
+def test_fsdp_launch_is_refused_with_one_line(planted, tmp_path):
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP (on CPU it then runs plain DDP)."""
+    done = run_cli("embed-items", f"data={planted['data']}", f"out={tmp_path / 'o'}", f"item.model={planted['llama']}",
+                   "user.name=llama-tiny", "item.max_text_tokens=16", "device=cpu",
+                   env={"ACCELERATE_USE_FSDP": "true"})
+    assert done.returncode == 2, done.stderr
+    assert "accelerate FSDP is not supported" in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert not [path for path in (tmp_path / "o").rglob("*") if path.is_file()]
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

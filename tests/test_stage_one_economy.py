@@ -1,5 +1,5 @@
-"""Stage one's cheaper steps: negatives from a catalogue table, partial depth with kept lower-layer outputs.
-(Their exact resume is tested with the official step's, in test_stage_one.py.)"""
+"""Stage one's cheaper steps: negatives from a catalogue table, partial depth with kept lower-layer outputs, LoRA.
+(Their exact resume and bad settings are tested with the official step's, in test_stage_one.py.)"""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import polars as pl
 import pytest
 import torch
 from conftest import make_planted_data, make_tiny_item_model, run_cli
+from safetensors.torch import load_file
 
 from pipeline import config as cfg
 from pipeline.batches import SequenceBatches, make_step_batch, sample_negatives
 from pipeline.data.sequences import UserSequences, training_windows
+from pipeline.embeddings.encode import embed_items
 from pipeline.errors import UserError
-from pipeline.models import build, sequence_model
+from pipeline.models import build, llm, sequence_model
 from pipeline.models.item_sources import TextItems
 from pipeline.models.llm import ItemLLM
 from pipeline.models.lower_states import LowerStates
@@ -184,32 +186,80 @@ def test_damaged_lower_outputs_are_refused_with_one_line(planted, tmp_path):
     assert "damaged" in last and kept.name in last and "Traceback" not in done.stderr
 
 
-# ---- both together: learning, exact resume, bad settings ------------------------------------------------------
+# ---- LoRA ------------------------------------------------------------------------------------------------------
 
 
-CHEAP = ("item.negatives=table", "item.table_refresh_every=3", "item.train_layers=1")
+@pytest.mark.parametrize("kind,pooling,train_layers", [("llama", "item_token", None), ("bert", "mean", None),
+                                                       ("llama", "mean", 1)])
+def test_lora_merged_weights_embed_exactly_as_the_unmerged_adapter(planted, tmp_path, kind, pooling, train_layers):
+    item_llm, tokenizer, catalogue = item_llm_and_catalogue(planted, kind, pooling, train_layers)
+    wrapped = llm.add_lora(item_llm, 4, 8.0)
+    assert wrapped > 0
+    with torch.no_grad():  # a trained adapter (peft starts B at zero, which would make any merge look right)
+        for name, p in item_llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    items = np.arange(1, catalogue.num_items + 1)
+    item_llm.eval()
+    unmerged = embed_items(item_llm, catalogue, items, 64)
+    # saved with its adapters (a checkpoint mid-training): a plain model, loaded without peft
+    build.save_item_llm(item_llm, tokenizer, tmp_path / "item_llm", {"train_layers": train_layers})
+    loaded, _, _ = build.load_item_llm(tmp_path / "item_llm")
+    assert not llm.has_lora(loaded)
+    torch.testing.assert_close(embed_items(loaded.eval(), catalogue, items, 64), unmerged, atol=1e-5, rtol=1e-5)
+    # merged in place, as stage one does when training ends: the same weights as saved, bit for bit
+    llm.merge_lora(item_llm)
+    assert item_llm.state_dict().keys() == loaded.state_dict().keys()
+    for key, value in item_llm.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    torch.testing.assert_close(embed_items(item_llm, catalogue, items, 64), unmerged, atol=1e-5, rtol=1e-5)
 
 
-def test_cheap_stage_one_learns_the_planted_pattern(planted, tmp_path):
-    """Users walk items 1 -> 2 -> 3 ...: table negatives over the whole catalogue and the top layer alone must
-    beat popularity clearly."""
-    conf = settings(planted, tmp_path / "run", *CHEAP, "train.loss=softmax", "train.epochs=15", "train.patience=20")
+def test_lora_trains_the_adapters_and_leaves_the_rest_as_loaded(planted, tmp_path):
+    """Only the wrapped layers of the top layer change (through their merged adapters); the word embeddings,
+    norms and lower layers stay as loaded."""
+    stage.run(settings(planted, tmp_path / "run", "item.lora_rank=4", "item.train_layers=1", "train.max_steps=3",
+                       "train.eval_users=0", kind="llama"), log=quiet)
+    before = load_file(planted["llama"] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "item_llm" / "backbone" / "model.safetensors")
+    assert after.keys() == before.keys()  # a plain model: no adapter left
+    changed = {key for key in after if not torch.equal(after[key], before[key])}
+    assert changed and all(key.startswith("layers.1.") and key.endswith("proj.weight") for key in changed), \
+        sorted(changed)
+
+
+# ---- both together: learning ------------------------------------------------------
+
+
+TABLE = ("item.negatives=table", "item.table_refresh_every=3")
+
+
+@pytest.mark.parametrize("cheap", [(*TABLE, "item.train_layers=1", "train.loss=softmax"),
+                                   ("item.lora_rank=8", "train.loss=nce")], ids=["table-top-layer", "lora"])
+def test_cheap_stage_one_learns_the_planted_pattern(planted, tmp_path, cheap):
+    """Users walk items 1 -> 2 -> 3 ...: table negatives over the whole catalogue with the top layer alone, and
+    LoRA adapters alone (the official step otherwise), must beat popularity clearly."""
+    conf = settings(planted, tmp_path / "run", *cheap, "train.epochs=15", "train.patience=20")
     stage.run(conf, log=quiet)
     history = [json.loads(line) for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl") if "valid" in line]
     best = max(h["valid"]["recall@10"] for h in history)
     assert best >= history[0]["valid"]["popularity"]["recall@10"] + 0.3, history[-1]
 
 
-def test_bad_economy_settings_are_one_line_errors_before_anything_is_written(planted, tmp_path):
-    base = [f"data={planted['data']}", f"out={tmp_path / 'o'}", f"item.model={planted['llama']}",
-            "user.name=llama-tiny", "item.max_text_tokens=16", "device=cpu"]
-    cases = [(["item.train_layers=5"], "item.train_layers=5: the Item LLM has 2 layers"),
-             (["item.table_refresh_every=0"], "item.table_refresh_every=0: must be >= 1"),
-             (["item.train_layers=0"], "item.train_layers=0: must be >= 1")]
-    for extra, message in cases:
-        done = run_cli("embed-items", *base, *extra)
-        assert done.returncode == 2, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
-        assert "Traceback" not in done.stderr
-        assert not (tmp_path / "o").exists()
+def test_stage_one_benchmark_times_every_path_and_writes_json(planted, tmp_path):
+    from bench.benchmarks import STAGE_ONE_PATHS, bench_stage_one
+
+    result = bench_stage_one(planted["data"], str(planted["bert"]), tmp_path / "b.json", negatives=(16, 0),
+                             batch_size=16, max_len=5, steps=1, log=quiet)
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+    rows = {(r["path"], r["negatives"]): r for r in result["results"]}
+    assert rows.keys() == {(p, n) for p in STAGE_ONE_PATHS for n in (16, 40)}
+    for (path, n), row in rows.items():
+        assert row["seconds_per_step"] > 0 and row["train_flops_per_s"] > 0
+        assert (row["table_refresh_seconds"] is not None) == ("table" in path)
+        official = rows[("official", n)]
+        # a table path encodes only the step's own items: never more than the official step, which adds negatives
+        if "table" in path:
+            assert row["items_through_item_llm_per_step"] <= official["items_through_item_llm_per_step"]
+    assert rows[("official", 40)]["items_through_item_llm_per_step"] == 40  # the whole catalogue, encoded
+    assert rows[("official", 16)]["speedup_over_official"] == 1.0

@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_dir
 from pipeline.models import presets
 from pipeline.models.item_sources import CachedItems, IdItems, ItemSource, SumItems, TextItems
-from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings
+from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings, lora_merged_state, merge_lora
 from pipeline.models.sequence_model import TIME_FIELDS, SequenceModel
 
 
@@ -187,7 +187,8 @@ def build_item_llm(name: str, init: str, pooling: str, out_dim: int | None, attn
 def save_item_llm(item_llm: ItemLLM, tokenizer, path: Path, meta: dict) -> None:
     """Write the Item LLM folder atomically (replacing an older one only when complete)."""
     with atomic_dir(path) as out:
-        item_llm.backbone.save_pretrained(out / "backbone")
+        # with LoRA adapters, the weights they give (so every reader loads a plain model)
+        item_llm.backbone.save_pretrained(out / "backbone", state_dict=lora_merged_state(item_llm.backbone))
         tokenizer.save_pretrained(out / "backbone")
         head = {}
         if item_llm.item_token is not None:
@@ -388,6 +389,7 @@ def load_model_weights(model: SequenceModel, folder: Path) -> None:
     """Load what save_model wrote into `model`."""
     text = text_source(model)
     if text is not None:
+        merge_lora(text.item_llm)  # what was saved is the plain model the adapters give
         text.item_llm.load_state_dict(load_item_llm(folder / "item_llm")[0].state_dict())
     model.user_llm.load_state_dict(load_user_llm(folder / "user_llm").state_dict())
     load_user_head(model, folder / "user_llm")

@@ -184,6 +184,76 @@ def _block_list(backbone: nn.Module) -> tuple[nn.Module, str]:
                     "item.train_layers=null")
 
 
+def add_lora(item_llm: ItemLLM, rank: int, alpha: float, targets: tuple[str, ...] = ()) -> int:
+    """LoRA through peft: low-rank adapters on the Item LLM's linear layers (with partial depth, those of its trained
+    top layers only), whose own weights then stay as loaded. `targets`: names or name endings of the layers to wrap
+    (empty: every linear layer in scope). Returns the number of wrapped layers."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("item.lora_rank: LoRA needs peft; pip install 'hllm-pipeline[lora]'") from None
+    from transformers.pytorch_utils import Conv1D
+
+    backbone = item_llm.backbone
+    scope = item_llm.split.blocks[item_llm.split.cut:] if item_llm.train_layers is not None else backbone
+    in_scope = {id(m) for m in scope.modules()}
+    names = [name for name, m in backbone.named_modules()
+             if isinstance(m, (nn.Linear, Conv1D)) and id(m) in in_scope
+             and (not targets or any(name == t or name.endswith("." + t) for t in targets))]
+    if not names:
+        raise UserError(f"item.lora_targets={','.join(targets) or '(every linear layer)'}: no linear layer of "
+                        f"{type(backbone).__name__} matches, so LoRA has nothing to wrap; name some of its layers "
+                        "(e.g. query,value or q_proj,v_proj) or set item.lora_rank=null")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names)
+    try:
+        inject_adapter_in_model(config, backbone)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"item.lora_rank: peft cannot wrap {type(backbone).__name__}: {first}; "
+                        "set item.lora_rank=null") from None
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return len(names)
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any(".lora_" in name for name, _ in module.named_parameters())
+
+
+def merge_lora(item_llm: ItemLLM) -> None:
+    """Fold every adapter into its layer's weight and put the plain layer back: the model is an ordinary one again,
+    which the embedding job, `refresh items` and `eval` load without peft."""
+    if not has_lora(item_llm.backbone):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    backbone = item_llm.backbone
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent), child, module.get_base_layer())
+
+
+def lora_merged_state(backbone: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The weights merge_lora would leave, under the plain model's names, computed without changing the model
+    (checkpoints mid-training are plain models too); None when the backbone has no adapter."""
+    if not has_lora(backbone):
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {key: value for key, value in backbone.state_dict().items() if ".lora_" not in key}
+    for name, module in backbone.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for adapter in module.active_adapters:  # what merge() adds, in the same order
+                state[f"{name}.base_layer.weight"] = state[f"{name}.base_layer.weight"] + \
+                    module.get_delta_weight(adapter).detach()
+            for part in ("weight", "bias"):
+                if f"{name}.base_layer.{part}" in state:
+                    state[f"{name}.{part}"] = state.pop(f"{name}.base_layer.{part}")
+    return state
+
+
 class UserLLM(nn.Module):
     """A causal decoder over item embeddings (its word embeddings are unused): output i predicts item i+1."""
 
