@@ -367,6 +367,8 @@ def _log_step(run: Run, window: StepWindow, t: LoopConfig, epoch: int, say) -> N
             "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.unwrapped.logit_scale.exp().item(),
             "items_per_s": w["items"] / seconds, "tokens_per_s": w["tokens"] / seconds,
             "positions_per_s": w["positions"] / seconds}
+    if getattr(run.unwrapped.items, "lr", None) is not None:  # make_optimizer: its own groups come last
+        line["item_lr"] = run.scheduler.get_last_lr()[-1]
     age = run.unwrapped.items.table_age(run.progress["step"] - 1)
     if age is not None:
         line["table_age"] = age
@@ -376,5 +378,6 @@ def _log_step(run: Run, window: StepWindow, t: LoopConfig, epoch: int, say) -> N
     run.log.write(line)
     say(f"step {line['step']}/{run.total_steps} epoch {epoch} loss {line['loss']:.4f} "
         f"negatives kept {line['surviving_negatives']:.1f} lr {line['lr']:.2e} "
+        + (f"item lr {line['item_lr']:.2e} " if "item_lr" in line else "")
         + (f"{line['tokens_per_s']:.0f} tokens/s" if w["tokens"] else f"{line['positions_per_s']:.0f} positions/s")
         + (f" table age {age}" if age is not None else ""))

@@ -263,3 +263,12 @@ def test_stage_one_benchmark_times_every_path_and_writes_json(planted, tmp_path)
             assert row["items_through_item_llm_per_step"] <= official["items_through_item_llm_per_step"]
     assert rows[("official", 40)]["items_through_item_llm_per_step"] == 40  # the whole catalogue, encoded
     assert rows[("official", 16)]["speedup_over_official"] == 1.0
+
+
+def test_item_lr_is_the_item_llms_own_schedule_and_is_logged(planted, tmp_path):
+    stage.run(settings(planted, tmp_path / "run", "item.lr=1e-4", "train.max_steps=3", "train.log_every=1",
+                       "train.eval_users=0"), log=quiet)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "stage1" / "metrics.jsonl") if '"loss"' in line]
+    assert len(lines) == 3 and lines[0]["lr"] > 0
+    for line in lines:  # the same warm-up and cosine, scaled to the Item LLM's peak
+        assert line["item_lr"] == pytest.approx(line["lr"] * 1e-4 / 3e-3)
