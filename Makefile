@@ -6,7 +6,9 @@ TORCH_VERSION ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 CLI := $(BIN)/hllm-pipeline
-STAMP := $(VENV)/.installed
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+# the stamp is written last and names what it was built with: another torch or Python rebuilds the venv
+STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-py$(PYTHON_VERSION)
 DATASET ?= ml-100k
 RUN ?= artifacts/$(DATASET)
 CONFIG ?=
@@ -19,6 +21,7 @@ REFRESH_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	rm -rf $(VENV)  # from scratch: a half-built venv (an interrupted install) is never reused
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
@@ -26,6 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
