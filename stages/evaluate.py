@@ -215,6 +215,142 @@ def _markdown(report: dict) -> str:
             + f"\n\nProtocol:\n\n{card}\n")
 
 
+@dataclass
+class Catalogue:
+    """What is ranked: the items (the data's, or the embeddings version's: a refresh adds items and retires some)
+    and, per user, the items removed before the top K."""
+
+    n_items: int
+    live: np.ndarray
+    """item_idx that can be recommended (retired items are in no index)."""
+    retired: int
+    masked: Masked
+    candidates: int
+    """Items a target can be ranked among (the protocol card's candidate_items)."""
+    root: Path | None
+    """The embeddings version read (None for a model without cached embeddings)."""
+    cached: torch.Tensor | None
+
+
+def _catalogue(config: EvalConfig, seqs: UserSequences, examples, data: Path, path: Path | None) -> Catalogue:
+    root, cached, n_items, absent = None, None, seqs.num_items, np.zeros(0, dtype=np.int64)
+    if path is not None and "cached" in build.saved_item_source(path):
+        root = version_root(config.run, config.embeddings)
+        loaded = load_embeddings(root)
+        cached, n_items = loaded.embeddings, loaded.embeddings.shape[0] - 1
+        if n_items < seqs.num_items:
+            raise UserError(f"{root}: holds {n_items} items but {data} has {seqs.num_items}; evaluate with the "
+                            "data these embeddings were made from")
+        absent = np.flatnonzero(~loaded.present[1:].numpy()) + 1  # retired by a refresh: never recommended
+    masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
+                                   config.window)
+    never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=n_items + 1)[1:] == 0) + 1
+    live = np.setdiff1d(np.arange(1, n_items + 1), absent)
+    if config.candidates == "interacted" and len(np.setdiff1d(never_seen, absent)):
+        masked = masked.plus(np.setdiff1d(never_seen, absent))
+    candidates = len(np.setdiff1d(live, never_seen)) if config.candidates == "interacted" else len(live)
+    return Catalogue(n_items, live, len(absent), masked, candidates, root, cached)
+
+
+def _protocol(config: EvalConfig, data: Path, catalogue: Catalogue) -> dict:
+    stats_path = data / "stats.json"
+    dataset = json.loads(stats_path.read_text()).get("dataset", data.name) if stats_path.is_file() else data.name
+    window = {"window": config.window} if config.mask_history == "window" else {}
+    protocol = {"dataset": dataset, "data": str(data), "items": catalogue.n_items, "split": config.split,
+                "mask_history": config.mask_history, **window, "candidates": config.candidates,
+                "candidate_items": catalogue.candidates, "k": list(config.k),
+                "ranking": "full catalogue, cosine similarity, ties by item_idx"}
+    if catalogue.retired:
+        protocol["retired_items"] = catalogue.retired
+    if max(config.k) > catalogue.n_items:
+        protocol["note"] = f"K above the catalogue size ({catalogue.n_items}): every item fits in the top K"
+    return protocol
+
+
+def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, examples, data: Path, state,
+                        timings: dict, started: float, log=print) -> tuple[np.ndarray, dict, dict, dict] | None:
+    """Each user's target rank under the User LLM (every process scores a share of the users; the main process
+    gets them all, the others None), with the model's and the index's protocol cards and extra metrics."""
+    device, root = device_of(config.device), catalogue.root
+    model, meta = build.load_user_model(path, catalogue.cached)
+    if model.items.num_items != catalogue.n_items:
+        raise UserError(f"{path}: trained on {model.items.num_items} items but {data} has {catalogue.n_items}; "
+                        "evaluate with the data it was trained on")
+    model.to(device)
+    table = model.items.table()  # (N+1, D) every item as the model embeds it (cached, IDs, adapter, sums)
+    max_len = config.max_len or int(meta.get("max_len", 200))
+    trained_on = Path(meta.get("embeddings") or "").name
+    if root is not None and trained_on and trained_on != root.name:
+        log(f"note: {path} was trained on embeddings {trained_on}; evaluating it with {root.name}")
+    timings["load_s"] = time.perf_counter() - started
+    log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
+        f"targets, histories of up to {max_len} items")
+    start = time.perf_counter()
+    mine = my_share(len(examples), state)  # under torchrun: each process scores a share of the users
+    vectors = user_vectors(model, table, examples.subset(mine), max_len)
+    if not torch.isfinite(vectors).all():
+        raise RuntimeError("the User LLM produced NaN or infinite user vectors")
+    queries = normalise(vectors)
+    timings["user_vectors_s"] = time.perf_counter() - start
+    ids = catalogue.live
+    items = normalise(table[torch.from_numpy(ids)].cpu())  # (N', D)
+    if not np.isfinite(items).all():
+        raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
+    start = time.perf_counter()
+    parent = read_manifest(root).get("parent") if root is not None else None
+    searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log, ids=ids,
+                                         parent_folder=root.parent / parent / "index" if parent else None,
+                                         save=state.is_main_process)
+    timings["index_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    my_masked = catalogue.masked.subset(mine)
+    k_max = max(config.k)
+    _, top_items = masked_topk(searcher, queries, my_masked, k_max, config.batch_size)
+    timings["search_s"] = time.perf_counter() - start
+    timings["users_per_s"] = len(mine) * state.num_processes / max(timings["search_s"], 1e-9)
+    ranks = gather_rows(ranks_in_topk(top_items, examples.targets[mine]), state)
+    extra: dict = {}
+    if not searcher.exact:
+        _, exact_items = masked_topk(TorchSearch(items, device, ids), queries, my_masked, k_max, config.batch_size)
+        top_items, exact_items = gather_rows(top_items, state), gather_rows(exact_items, state)
+        extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
+        extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
+    if state.num_processes > 1:
+        timings["processes"] = state.num_processes
+    if not state.is_main_process:  # the main process writes the report
+        return None
+    model_card = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})", "user_llm": str(path),
+                  "items": build.saved_item_source(path), "fingerprint": folder_sha256(path)[:16],
+                  "max_len": max_len, "embeddings_version": root.name if root else None,
+                  "embeddings_model": read_manifest(root).get("model_fingerprint", "")[:16] if root else None}
+    return ranks, model_card, index_card, extra
+
+
+def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,
+                  timings: dict, started: float) -> dict:
+    """reports/eval-<stamp>.json and .md (and the per-user ranks), each written atomically."""
+    reports = config.run / "reports"
+    stamp = _report_stamp(reports)
+    report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
+              "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
+              "ranks_file": None}
+    if config.per_user_ranks:
+        ranks_path = reports / f"ranks-{stamp}.parquet"
+        frame = pl.DataFrame({"user_idx": examples.users, "target_item_idx": examples.targets, "rank": ranks,
+                              "history_length": np.diff(examples.history_offsets), "masked_items": masked.counts})
+        frame = frame.with_columns(pl.when(pl.col("rank") == MISS).then(None).otherwise(pl.col("rank")).alias("rank"))
+        with atomic_path(ranks_path) as tmp:
+            frame.write_parquet(tmp)
+        report["ranks_file"] = str(ranks_path)
+        report["ranks_note"] = f"rank is null when the target is not in the top {max(config.k)} (a miss at every K)"
+    timings["total_s"] = time.perf_counter() - started
+    report["timings"] = {key: round(value, 3) for key, value in timings.items()}
+    write_json_atomic(reports / f"eval-{stamp}.json", report)
+    write_text_atomic(reports / f"eval-{stamp}.md", _markdown(report))
+    report["report_file"] = str(reports / f"eval-{stamp}.json")
+    return report
+
+
 def run(config: EvalConfig, log=print) -> dict | None:
     """Evaluate the run's User LLM (or popularity) on the split; writes the report and returns it. Under a
     multi-process launch each process computes the vectors and top-K of a share of the users and the main one
@@ -229,122 +365,25 @@ def run(config: EvalConfig, log=print) -> dict | None:
     if len(examples) == 0:
         need = 2 if config.split == "test" else 3
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
-    # the catalogue ranked: the data's items, or the embeddings version's (a refresh adds items and retires some)
-    root, cached, n_items, absent = None, None, seqs.num_items, np.zeros(0, dtype=np.int64)
     path = user_llm_dir(config.run, config.user_llm) if config.model != "popularity" else None
-    if path is not None and "cached" in build.saved_item_source(path):
-        root = version_root(config.run, config.embeddings)
-        loaded = load_embeddings(root)
-        cached, n_items = loaded.embeddings, loaded.embeddings.shape[0] - 1
-        if n_items < seqs.num_items:
-            raise UserError(f"{root}: holds {n_items} items but {data} has {seqs.num_items}; evaluate with the "
-                            "data these embeddings were made from")
-        absent = np.flatnonzero(~loaded.present[1:].numpy()) + 1  # retired by a refresh: never recommended
-    masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
-                                   config.window)
-    never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=n_items + 1)[1:] == 0) + 1
-    live = np.setdiff1d(np.arange(1, n_items + 1), absent)  # retired items are in no index: never recommended
-    if config.candidates == "interacted" and len(np.setdiff1d(never_seen, absent)):
-        masked = masked.plus(np.setdiff1d(never_seen, absent))
-    n_candidates = len(np.setdiff1d(live, never_seen)) if config.candidates == "interacted" else len(live)
-    train_counts = np.bincount(seqs.prefix(2).items, minlength=n_items + 1)
-    k_max = max(config.k)
-    stats_path = data / "stats.json"
-    dataset = json.loads(stats_path.read_text()).get("dataset", data.name) if stats_path.is_file() else data.name
-    protocol = {"dataset": dataset, "data": str(data), "items": n_items, "split": config.split,
-                "mask_history": config.mask_history, **({"window": config.window} if config.mask_history == "window"
-                                                       else {}),
-                "candidates": config.candidates, "candidate_items": n_candidates,
-                "k": list(config.k), "ranking": "full catalogue, cosine similarity, ties by item_idx"}
-    if len(absent):
-        protocol["retired_items"] = len(absent)
-    if max(config.k) > n_items:
-        protocol["note"] = f"K above the catalogue size ({n_items}): every item fits in the top K"
-    popularity = PopularitySearch(train_counts, live)
-    floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), masked, k_max,
-                                            config.batch_size)[1], examples.targets)
-    extra: dict = {}  # what only some evaluations report
+    catalogue = _catalogue(config, seqs, examples, data, path)
+    protocol = _protocol(config, data, catalogue)
+    # the popularity floor on the same users: training counts (leave-one-out train part), history masked alike
+    popularity = PopularitySearch(np.bincount(seqs.prefix(2).items, minlength=catalogue.n_items + 1), catalogue.live)
+    floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), catalogue.masked,
+                                            max(config.k), config.batch_size)[1], examples.targets)
     if config.model == "popularity":
         if not state.is_main_process:  # every process could rank them all; the main one reports
             return None
-        ranks = floor_ranks
+        ranks, extra = floor_ranks, {}
         protocol["model"] = {"name": "popularity", "counts": "training interactions (leave-one-out train part)"}
         protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
     else:
-        device = device_of(config.device)
-        model, meta = build.load_user_model(path, cached)
-        if model.items.num_items != n_items:
-            raise UserError(f"{path}: trained on {model.items.num_items} items but {data} has {n_items}; "
-                            "evaluate with the data it was trained on")
-        model.to(device)
-        table = model.items.table()  # (N+1, D) every item as the model embeds it (cached, IDs, adapter, sums)
-        max_len = config.max_len or int(meta.get("max_len", 200))
-        trained_on = Path(meta.get("embeddings") or "").name
-        if root is not None and trained_on and trained_on != root.name:
-            log(f"note: {path} was trained on embeddings {trained_on}; evaluating it with {root.name}")
-        timings["load_s"] = time.perf_counter() - started
-        log(f"evaluating {path} ({meta.get('source', 'User LLM')}) on {len(examples):,} users' {config.split} "
-            f"targets, histories of up to {max_len} items")
-        start = time.perf_counter()
-        mine = my_share(len(examples), state)  # under torchrun: each process scores a share of the users
-        vectors = user_vectors(model, table, examples.subset(mine), max_len)
-        if not torch.isfinite(vectors).all():
-            raise RuntimeError("the User LLM produced NaN or infinite user vectors")
-        queries = normalise(vectors)
-        timings["user_vectors_s"] = time.perf_counter() - start
-        ids = live
-        items = normalise(table[torch.from_numpy(ids)].cpu())  # (N', D)
-        if not np.isfinite(items).all():
-            raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
-        start = time.perf_counter()
-        parent = read_manifest(root).get("parent") if root is not None else None
-        searcher, index_card = make_searcher(config, items, (root or config.run) / "index", device, log=log,
-                                             ids=ids, parent_folder=root.parent / parent / "index" if parent else None,
-                                             save=state.is_main_process)
-        timings["index_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        my_masked = masked.subset(mine)
-        _, top_items = masked_topk(searcher, queries, my_masked, k_max, config.batch_size)
-        timings["search_s"] = time.perf_counter() - start
-        timings["users_per_s"] = len(mine) * state.num_processes / max(timings["search_s"], 1e-9)
-        ranks = gather_rows(ranks_in_topk(top_items, examples.targets[mine]), state)
-        if not searcher.exact:
-            _, exact_items = masked_topk(TorchSearch(items, device, ids), queries, my_masked, k_max,
-                                         config.batch_size)
-            top_items, exact_items = gather_rows(top_items, state), gather_rows(exact_items, state)
-            extra["index_recall"] = recall_against_exact(top_items, exact_items, config.k)
-            extra["exact_metrics"] = metrics_from_ranks(ranks_in_topk(exact_items, examples.targets), config.k)
-        if state.num_processes > 1:
-            timings["processes"] = state.num_processes
-        if not state.is_main_process:  # the main process writes the report
+        ranked = _rank_with_user_llm(config, path, catalogue, examples, data, state, timings, started, log=log)
+        if ranked is None:
             return None
-        protocol["model"] = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})",
-                             "user_llm": str(path), "items": build.saved_item_source(path),
-                             "fingerprint": folder_sha256(path)[:16],
-                             "max_len": max_len, "embeddings_version": root.name if root else None,
-                             "embeddings_model": read_manifest(root).get(
-                                 "model_fingerprint", "")[:16] if root else None}
-        protocol["index"] = index_card
-        if index_card["type"] == "approximate":
+        ranks, protocol["model"], protocol["index"], extra = ranked
+        if protocol["index"]["type"] == "approximate":
             protocol["ranking"] += "; approximate index: see index_recall and exact_metrics"
         extra["popularity"] = metrics_from_ranks(floor_ranks, config.k)  # the floor, same users
-    reports = config.run / "reports"
-    stamp = _report_stamp(reports)
-    report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
-              "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
-              "ranks_file": None}
-    if config.per_user_ranks:
-        ranks_path = reports / f"ranks-{stamp}.parquet"
-        frame = pl.DataFrame({"user_idx": examples.users, "target_item_idx": examples.targets, "rank": ranks,
-                              "history_length": np.diff(examples.history_offsets), "masked_items": masked.counts})
-        frame = frame.with_columns(pl.when(pl.col("rank") == MISS).then(None).otherwise(pl.col("rank")).alias("rank"))
-        with atomic_path(ranks_path) as tmp:
-            frame.write_parquet(tmp)
-        report["ranks_file"] = str(ranks_path)
-        report["ranks_note"] = f"rank is null when the target is not in the top {k_max} (a miss at every K)"
-    timings["total_s"] = time.perf_counter() - started
-    report["timings"] = {key: round(value, 3) for key, value in timings.items()}
-    write_json_atomic(reports / f"eval-{stamp}.json", report)
-    write_text_atomic(reports / f"eval-{stamp}.md", _markdown(report))
-    report["report_file"] = str(reports / f"eval-{stamp}.json")
-    return report
+    return _write_report(config, examples, ranks, catalogue.masked, protocol, extra, timings, started)
