@@ -13,6 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> dict:
+    """Planted data (users walk items 1 -> 2 -> ...) and a cached embedding version of random, distinct vectors,
+    made once per test module."""
+    return make_cached_run(tmp_path_factory.mktemp("cached"))
+
+
+def quiet(_) -> None:
+    """A `log` that prints nothing."""
+
+
 def stage_two_settings(cached: dict, run: Path, *overrides: str):
     """A tiny stage-two run on the planted data (make_cached_run) in `run`, a copy of the cached run folder: the
     settings every stage-two test shares, then `overrides` (later ones win)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cached_run, run_cli, stage_two_settings
+from conftest import run_cli, stage_two_settings
 
 from pipeline import config as cfg
 from pipeline.embeddings.store import load_embeddings
@@ -26,10 +26,6 @@ from stages import train_user as stage_two
 
 RANDOM_RECALL_AT_5 = 5 / 30  # 40 items, 10 of them the masked history: a random ranking's recall@5
 
-
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory) -> dict:
-    return make_cached_run(tmp_path_factory.mktemp("baselines"))
 
 
 def settings(cached, run: Path, *extra: str) -> stage_two.TrainUserConfig:

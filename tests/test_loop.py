@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crash_on_call, make_cached_run, run_cli, stage_two_settings
+from conftest import crash_on_call, quiet, run_cli, stage_two_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -25,17 +25,9 @@ from stages import embed_items as stage_one
 from stages import train_user as stage_two
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory) -> dict:
-    return make_cached_run(tmp_path_factory.mktemp("spine"))
-
-
 def settings(cached, run: Path, *extra: str) -> stage_two.TrainUserConfig:
     return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=40", "train.log_every=1", *extra)
 
-
-def quiet(_):
-    pass
 
 
 def losses(run: Path) -> dict[int, float]:

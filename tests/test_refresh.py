@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import REPO, make_planted_data, make_tiny_item_model, run_cli
+from conftest import REPO, make_planted_data, make_tiny_item_model, quiet, run_cli
 
 from pipeline import config as cfg
 from pipeline.embeddings import store
@@ -29,10 +29,6 @@ from pipeline.models.llm import ItemLLM
 from pipeline.models.tokens import TokenizedCatalogue
 from stages import embed_items as stage_one
 from stages import refresh
-
-
-def quiet(_):
-    pass
 
 
 @pytest.fixture(scope="module")

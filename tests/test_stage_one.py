@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, crash_on_call, make_planted_data, make_tiny_item_model, run_cli
+from conftest import REPO, crash_on_call, make_planted_data, make_tiny_item_model, quiet, run_cli
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -48,9 +48,6 @@ def settings(planted, out: Path, *extra: str, kind: str = "llama") -> stage.Embe
         base.append("item.pooling=mean")
     return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
 
-
-def quiet(_):
-    pass
 
 
 def tiny_item_llm(planted, kind: str, pooling: str, out_dim: int | None = None) -> tuple[ItemLLM, TokenizedCatalogue]:

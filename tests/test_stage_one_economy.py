@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import make_planted_data, make_tiny_item_model, run_cli
+from conftest import make_planted_data, make_tiny_item_model, quiet, run_cli
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -41,9 +41,6 @@ def settings(planted, out, *extra: str, kind: str = "bert") -> stage.EmbedItemsC
             "train.checkpoint_every=1000", "embed.shard_rows=7", "device=cpu"]
     return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
 
-
-def quiet(_):
-    pass
 
 
 def item_llm_and_catalogue(planted, kind: str, pooling: str, train_layers: int | None = None):

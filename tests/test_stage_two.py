@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crash_on_call, make_cached_run, stage_two_settings
+from conftest import crash_on_call, quiet, stage_two_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -22,19 +22,10 @@ from pipeline.validation import validate
 from stages import train_user as stage
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory) -> dict:
-    """Planted data (users walk items 1 -> 2 -> ...) and a cached embedding version of random, distinct vectors."""
-    return make_cached_run(tmp_path_factory.mktemp("cached"))
-
-
 def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
     return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=120", "train.log_every=5",
                               *extra)
 
-
-def quiet(_):
-    pass
 
 
 def test_planted_pattern_is_learned_from_cached_embeddings(cached, tmp_path):
