@@ -301,7 +301,7 @@ def build_model(config: EmbedItemsConfig, items: pl.DataFrame, log=print
             f"{sum(p.numel() for p in item_llm.parameters() if p.requires_grad):,} trained parameters")
         if i.negatives == "table":
             log("note: LoRA with table negatives stayed at chance on our planted fixture, where it learns with "
-                "item.negatives=encoded (README: Cheaper stage one)")
+                "item.negatives=encoded (docs/stage-one.md)")
     source = TextItems(item_llm, catalogue, tokenizer, i.positions, i.token_budget, _item_meta(config),
                        table_every=i.table_refresh_every if i.negatives == "table" else None, lower_states=lower)
     source.lr = i.lr

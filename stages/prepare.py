@@ -1,4 +1,4 @@
-"""Stage `data prepare`: raw recommendation data -> the canonical tables (README: "Output: the canonical tables").
+"""Stage `data prepare`: raw recommendation data -> the canonical tables (docs/data.md: "Output: the canonical tables").
 
 Writes, into `out` (replaced as a whole, atomically):
   items.parquet, interactions.parquet, users.parquet, rejected.parquet, stats.json, config.yaml
