@@ -509,6 +509,13 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
     seqs, items = stage._load_data(data)
     batches = SequenceBatches(training_windows(seqs, max_len, "chunks"), batch_size, 0)
     rows = []
+    result = {"benchmark": "stage-one", "machine": machine(), "data": str(data), "model": model,
+              "batch_size": batch_size, "max_len": max_len, "item_max_text_tokens": 32, "refresh_every": refresh_every,
+              "timed_steps": steps, "dtype": "float32",
+              "flops": "6 x (Item LLM weights a token passes through x item tokens + User LLM weights x positions); "
+                       "a table refresh's forward is not counted",
+              "complete": False, "results": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for count in negatives:
         for name in paths or STAGE_ONE_PATHS:
             extra = STAGE_ONE_PATHS[name]
@@ -552,6 +559,7 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
                    "items_per_s": round(items_per_step / amortized, 1), "item_tokens_per_step": round(tokens),
                    "train_flops_per_s": round(flops / seconds, 1)}
             rows.append(row)
+            write_json_atomic(out, result)  # after every path: a run stopped later keeps what it measured
             log(f"{count or 'all':>4} negatives, {name:16s}: {amortized:7.2f} s/step"
                 + (f" ({seconds:.2f} + a {refresh_s:.1f} s refresh / {refresh_every})" if refresh_s else "")
                 + f", {items_per_step:.0f} items through the Item LLM")
@@ -559,13 +567,7 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
         official = next((r for r in rows if r["path"] == "official" and r["negatives"] == row["negatives"]), None)
         row["speedup_over_official"] = None if official is None else \
             round(official["seconds_per_step_with_refresh"] / row["seconds_per_step_with_refresh"], 2)
-    result = {"benchmark": "stage-one", "machine": machine(), "data": str(data), "model": model,
-              "batch_size": batch_size, "max_len": max_len, "item_max_text_tokens": 32, "refresh_every": refresh_every,
-              "timed_steps": steps, "dtype": "float32",
-              "flops": "6 x (Item LLM weights a token passes through x item tokens + User LLM weights x positions); "
-                       "a table refresh's forward is not counted",
-              "results": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result["complete"] = True
     write_json_atomic(out, result)
     log(f"written to {out}")
     return result

@@ -248,7 +248,7 @@ def test_stage_one_benchmark_times_every_path_and_writes_json(planted, tmp_path)
 
     result = bench_stage_one(planted["data"], str(planted["bert"]), tmp_path / "b.json", negatives=(16, 0),
                              batch_size=16, max_len=5, steps=1, log=quiet)
-    assert json.loads((tmp_path / "b.json").read_text()) == result
+    assert json.loads((tmp_path / "b.json").read_text()) == result and result["complete"]
     rows = {(r["path"], r["negatives"]): r for r in result["results"]}
     assert rows.keys() == {(p, n) for p in STAGE_ONE_PATHS for n in (16, 40)}
     for (path, n), row in rows.items():
