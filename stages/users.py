@@ -211,50 +211,60 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
                    "carried": int((~active).sum()), "rejected_rows": rejected.height if rejected is not None else 0}
         chosen = np.flatnonzero(active)
         log(f"user vectors: {len(chosen):,} users with histories of up to {max_len} items")
-        mine = chosen[my_share(len(chosen), state)]
-        computed = np.zeros((len(mine), table.shape[1]), dtype=np.float32)
-        from tqdm import tqdm
-
-        with tqdm(total=len(mine), unit="user", desc="user vectors", disable=None if state.is_main_process
-                  else True) as bar:
-            for start in range(0, len(mine), 4096):
-                raw = user_vectors(model, table, _examples(histories[mine[start:start + 4096]]), max_len)
-                computed[start:start + 4096] = normalise(raw)
-                bar.update(min(4096, len(mine) - start))
         vectors = torch.zeros(histories.height, table.shape[1])
-        vectors[torch.from_numpy(chosen)] = torch.from_numpy(gather_rows(computed, state))
-
-        def write() -> None:  # the main process writes the version
-            if previous is not None and (~active).any():
-                old_rows = dict(zip(previous[0]["user_id"].to_list(), range(previous[0].height), strict=True))
-                keep = np.flatnonzero(~active)
-                source = torch.tensor([old_rows[u] for u in histories["user_id"].gather(keep).to_list()])
-                vectors[torch.from_numpy(keep)] = previous[1][source]  # bit-identical
-            users = histories.select("user_id", "last_timestamp", pl.col("seen").list.len().alias("n_interactions"),
-                                     pl.Series("refreshed", active), pl.col("seen").cast(pl.List(pl.Int32)))
-            with atomic_dir(base / version) as out:
-                save_file({"embedding": vectors.contiguous()}, str(out / "vectors.safetensors"))
-                users.write_parquet(out / "users.parquet")
-                added.drop("order").write_parquet(out / "interactions.parquet")
-                files = ["vectors.safetensors", "users.parquet", "interactions.parquet"]
-                if rejected is not None:
-                    rejected.write_parquet(out / "rejected.parquet")
-                    files.append("rejected.parquet")
-                write_json_atomic(out / "manifest.json", {
-                    "inputs": inputs, "parent": parent, "version": version, "user_llm": path.name, "max_len": max_len,
-                    "dim": int(table.shape[1]), "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since
-                    else None, **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")},
-                    "files": {name: sha256_file(out / name) for name in files},
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            write_text_atomic(base / "CURRENT", version + "\n")
-
-        on_main(state, write)
+        vectors[torch.from_numpy(chosen)] = _compute_vectors(model, table, histories, chosen, max_len, state)
+        manifest = {"inputs": inputs, "parent": parent, "version": version, "user_llm": path.name,
+                    "max_len": max_len, "dim": int(table.shape[1]),
+                    "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since else None,
+                    **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")}}
+        on_main(state, lambda: _write_version(base, version, vectors, histories, active, previous, added, rejected,
+                                              manifest))
         if not state.is_main_process:
             return {**summary, "changed_version": True}
     summary.update(changed_version=True, seconds=round(time.perf_counter() - started, 2))
     log(f"user vectors {version}: {summary['refreshed']:,} refreshed, {summary['carried']:,} carried over, "
         f"{summary['rejected_rows']:,} rejected rows; {summary['seconds']:.1f}s")
     return summary
+
+
+def _compute_vectors(model, table: torch.Tensor, histories: pl.DataFrame, chosen: np.ndarray, max_len: int,
+                     state) -> torch.Tensor:
+    """The normalised vectors of the `chosen` users (rows of `histories`), each process a share, gathered."""
+    from tqdm import tqdm
+
+    mine = chosen[my_share(len(chosen), state)]
+    computed = np.zeros((len(mine), table.shape[1]), dtype=np.float32)
+    with tqdm(total=len(mine), unit="user", desc="user vectors", disable=None if state.is_main_process
+              else True) as bar:
+        for start in range(0, len(mine), 4096):
+            raw = user_vectors(model, table, _examples(histories[mine[start:start + 4096]]), max_len)
+            computed[start:start + 4096] = normalise(raw)
+            bar.update(min(4096, len(mine) - start))
+    return torch.from_numpy(gather_rows(computed, state))
+
+
+def _write_version(base: Path, version: str, vectors: torch.Tensor, histories: pl.DataFrame, active: np.ndarray,
+                   previous, added: pl.DataFrame, rejected: pl.DataFrame | None, manifest: dict) -> None:
+    """users/<version>/ (carried-over users keep their earlier vectors bit for bit), manifest last, then CURRENT."""
+    if previous is not None and (~active).any():
+        old_rows = dict(zip(previous[0]["user_id"].to_list(), range(previous[0].height), strict=True))
+        keep = np.flatnonzero(~active)
+        source = torch.tensor([old_rows[u] for u in histories["user_id"].gather(keep).to_list()])
+        vectors[torch.from_numpy(keep)] = previous[1][source]  # bit-identical
+    users = histories.select("user_id", "last_timestamp", pl.col("seen").list.len().alias("n_interactions"),
+                             pl.Series("refreshed", active), pl.col("seen").cast(pl.List(pl.Int32)))
+    with atomic_dir(base / version) as out:
+        save_file({"embedding": vectors.contiguous()}, str(out / "vectors.safetensors"))
+        users.write_parquet(out / "users.parquet")
+        added.drop("order").write_parquet(out / "interactions.parquet")
+        files = ["vectors.safetensors", "users.parquet", "interactions.parquet"]
+        if rejected is not None:
+            rejected.write_parquet(out / "rejected.parquet")
+            files.append("rejected.parquet")
+        write_json_atomic(out / "manifest.json", {
+            **manifest, "files": {name: sha256_file(out / name) for name in files},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_text_atomic(base / "CURRENT", version + "\n")
 
 
 ADDED_SCHEMA = pl.DataFrame(schema={"user_id": pl.String, "item_idx": pl.Int64, "timestamp": pl.Int64})
