@@ -79,7 +79,7 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width)
     model = build.sequence_model(items, user_llm, config.user)
     if config.user.init == "stage-one":
-        build.load_user_head(model, stage_one)
+        build.load_user_head(model, stage_one, partial=True)
     return model
 
 

@@ -304,3 +304,40 @@ def test_every_shipped_config_is_valid(path, tmp_path):
     conf = cfg.load(kind, path, [f"source={tmp_path}"] if kind is prepare.PrepareConfig else [])
     if kind is stage_two.TrainUserConfig and conf.items == "id":  # the ID baselines: checkable without data
         assert conf.user.init == "scratch" and conf.train.early_stopping_metric == "ndcg@10"
+
+
+def test_a_saved_head_that_does_not_fit_the_model_is_refused_not_left_random(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models.item_sources import IdItems
+    from pipeline.models.sequence_model import SequenceModel
+
+    user = build.build_user_llm("hstu", "scratch", log=lambda _: None)
+    saved = SequenceModel(IdItems(5, user.dim), user, time_embedding=True)
+    build.save_user_llm(saved, tmp_path / "saved", {})
+    file = tmp_path / "saved" / "user_head.safetensors"
+    head = load_file(str(file))
+
+    # the catalogue grew by two items since training: learned rows kept, new rows zero
+    grown = SequenceModel(IdItems(7, user.dim), user, time_embedding=True)
+    build.load_user_head(grown, tmp_path / "saved")
+    table = grown.items.embedding.weight
+    assert torch.equal(table[:6], saved.items.embedding.weight) and not table[6:].any()
+
+    time_key = next(k for k in head if k.startswith("time.") and head[k].dim() == 2)
+    for broken, message in [
+        ({k: v for k, v in head.items() if k != time_key}, f"lacks {time_key}"),
+        ({**head, time_key: head[time_key][:, :3].contiguous()}, f"{time_key} has shape"),
+        ({**head, "stray.weight": torch.zeros(2)}, "holds stray.weight"),
+    ]:
+        save_file(broken, str(file))
+        fresh = SequenceModel(IdItems(5, user.dim), user, time_embedding=True)
+        with pytest.raises(UserError, match=message):
+            build.load_user_head(fresh, tmp_path / "saved")
+    # stage two starting from stage one's model may add pieces stage one did not have (they start fresh)
+    save_file({k: v for k, v in head.items() if k != time_key}, str(file))
+    fresh = SequenceModel(IdItems(5, user.dim), user, time_embedding=True)
+    initial = fresh.state_dict()[time_key].clone()
+    build.load_user_head(fresh, tmp_path / "saved", partial=True)
+    assert torch.equal(fresh.state_dict()[time_key], initial)
+    assert torch.equal(fresh.items.embedding.weight, saved.items.embedding.weight)

@@ -313,30 +313,53 @@ def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
         (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
 
-def load_user_head(model: SequenceModel, path: Path) -> None:
-    """Load a saved User LLM's head into `model` (the weights it has a place for, of the same shape). A folder of
-    an older version without a head file has only the logit scale, in user_llm.json."""
-    if not (path / "user_head.safetensors").is_file():
+def _item_id_tables(model: SequenceModel) -> set[str]:
+    """Names of the item-ID tables: the only head weights whose row count follows the catalogue."""
+    names = {f"{name}.embedding.weight" for name, m in model.named_modules() if isinstance(m, IdItems)}
+    return names | ({"item_ids.weight"} if model.item_ids is not None else set())
+
+
+def load_user_head(model: SequenceModel, path: Path, partial: bool = False) -> None:
+    """Load a saved User LLM's head into `model`. Every head weight of `model` must be in the file with its shape,
+    except an item-ID table of a catalogue that `refresh items` grew or shrank since training (the rows learned for
+    the items this catalogue has, zeros for items added since: they are known by their text alone). With
+    `partial` (stage two starting from stage one's model) the weights the file lacks keep their initial values and
+    the file's weights the model has no place for are left out. A folder of an older version without a head file
+    has only the logit scale, in user_llm.json."""
+    file = path / "user_head.safetensors"
+    if not file.is_file():
         if not model.logit_scale.requires_grad:
             return
         with torch.no_grad():
             model.logit_scale.fill_(json.loads((path / "user_llm.json").read_text())["logit_scale"])
         return
-    head = load_file(str(path / "user_head.safetensors"))
+    head = load_file(str(file))
     head = {("items." + k if k.startswith("adapter.") else k): v for k, v in head.items()}  # older name
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items()
+           if not k.startswith("user_llm.") and ".item_llm." not in f".{k}"}
     if not model.logit_scale.requires_grad:  # a fixed temperature (user.temperature) stays as set
         head.pop("logit_scale", None)
-    for key, saved in head.items():
-        # item-ID rows of a catalogue that `refresh items` changed since training: the rows learned for the items
-        # this catalogue has, zeros for items added since (they are known by their text alone)
-        if key in own and saved.dim() == 2 and own[key].shape[1:] == saved.shape[1:] and \
-                own[key].shape[0] != saved.shape[0]:
-            fitted = torch.zeros_like(own[key])
-            rows = min(own[key].shape[0], saved.shape[0])
+        own.pop("logit_scale")
+    if not partial:
+        missing, unexpected = sorted(own.keys() - head.keys()), sorted(head.keys() - own.keys())
+        if missing or unexpected:
+            what = f"lacks {missing[0]}" if missing else f"holds {unexpected[0]}, which this model has no place for"
+            raise UserError(f"{file}: {what}; it was saved by a User LLM of other settings than its user_llm.json "
+                            "describes (re-train it, or evaluate the folder it came from)")
+    id_tables = _item_id_tables(model)
+    for key in sorted(head.keys() & own.keys()):
+        saved, wanted = head[key], own[key]
+        if saved.shape == wanted.shape:
+            continue
+        if key in id_tables and saved.shape[1:] == wanted.shape[1:]:
+            fitted = torch.zeros_like(wanted)
+            rows = min(wanted.shape[0], saved.shape[0])
             fitted[:rows] = saved[:rows]
             head[key] = fitted
-    model.load_state_dict({k: v for k, v in head.items() if k in own and own[k].shape == v.shape}, strict=False)
+            continue
+        raise UserError(f"{file}: {key} has shape {tuple(saved.shape)} but this model's is {tuple(wanted.shape)}; "
+                        "the head was saved by a User LLM of other settings (re-train it with these settings)")
+    model.load_state_dict({k: v for k, v in head.items() if k in own}, strict=False)
 
 
 def load_user_llm(path: Path, attn_implementation: str = "sdpa") -> UserLLM:
