@@ -127,6 +127,7 @@ def read_table(path: Path, expected: str) -> pl.DataFrame:
 def _read_source(path: Path, recipe: TextRecipe, workdir: Path) -> pl.DataFrame:
     """The items of a raw source in the run's format (through the readers `data prepare` uses)."""
     from pipeline.data import readers
+    from pipeline.data.canonical import strict_message
 
     if recipe.format == "movielens":
         raw = readers.read_movielens(path, recipe.encoding, workdir)
@@ -134,6 +135,11 @@ def _read_source(path: Path, recipe: TextRecipe, workdir: Path) -> pl.DataFrame:
         raw = readers.read_amazon_books(path, None, recipe.text_keys, workdir, log=lambda _: None)
     else:
         raise UserError(f"{path}: a folder, but {recipe.format} items come as a file; pass the items CSV/Parquet")
+    # A catalogue line the reader could not parse would otherwise retire its item silently.
+    for rejected in raw.rejected:
+        bad = rejected.filter(pl.col("table") == "items").sort("row").head(1).collect()
+        if bad.height:
+            raise UserError(strict_message(bad.row(0, named=True)))
     return raw.items.collect()
 
 

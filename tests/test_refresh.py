@@ -294,6 +294,17 @@ def test_bad_catalogues_are_one_line_errors_and_write_nothing(base_run, tmp_path
     assert sorted(p.name for p in (run / "embeddings").iterdir()) == before
 
 
+def test_a_malformed_line_of_a_grouplens_catalogue_is_an_error_not_a_retired_item(ml1m_dir):
+    recipe = refresh.TextRecipe("movielens", ("title", "genres"), "", "latin-1")
+    assert refresh.read_catalog(ml1m_dir, recipe)["item_id"].to_list() == ["1", "2", "3", "4", "5"]
+    movies = ml1m_dir / "movies.dat"
+    lines = movies.read_text(encoding="latin-1").splitlines()
+    lines[3] = "4::Heat (1995)"  # the genres field is missing
+    movies.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    with pytest.raises(UserError, match=r"movies.dat.*row 4"):
+        refresh.read_catalog(ml1m_dir, recipe)
+
+
 def test_eval_follows_the_current_version_and_rollback_restores_its_results(base_run, tmp_path):
     from stages import evaluate
 
