@@ -28,7 +28,7 @@ from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.encode import Throughput, embed_items
-from pipeline.embeddings.store import ShardWriter, publish
+from pipeline.embeddings.store import ShardWriter, is_finished, publish
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256, sha256_file
 from pipeline.lock import job_lock
@@ -220,7 +220,7 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
     log = log if rank == 0 else (lambda _: None)
     with job_lock(config.out / "embeddings", wait=0, log=log, state=state):  # no refresh job may meet this one
         current = config.out / "embeddings" / "CURRENT"
-        if (root / "manifest.json").is_file():
+        if is_finished(root):
             log(f"embeddings {version} already complete in {root}")
             if current.is_file() and current.read_text().strip() != version:
                 log(f"note: CURRENT stays at {current.read_text().strip()} (a refresh made it from this version); "

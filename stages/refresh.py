@@ -373,7 +373,7 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
                                       "items": plan.items.select("item_idx", "item_id", "text_sha256").rows()}
                               )[:12]
         root = base / version
-        if not (root / store.MANIFEST).is_file():
+        if not store.is_finished(root):
             if not same_model:
                 log("the Item LLM differs from the one that made the current version: re-embedding every item")
             writer = store.ShardWriter(root, parent.manifest["format"], parent.manifest["dtype"],

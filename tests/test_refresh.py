@@ -82,7 +82,8 @@ def count_item_llm_rows(monkeypatch) -> list[int]:
 
 def version_digest(root: Path) -> dict:
     manifest = store.read_manifest(root)
-    return {"shards": [(s["file"], s["sha256"]) for s in manifest["shards"]], "items": manifest["items_sha256"],
+    return {"files": sorted(p.name for p in root.iterdir()),
+            "shards": [(s["file"], s["sha256"]) for s in manifest["shards"]], "items": manifest["items_sha256"],
             "rows": manifest["rows"], "parent": manifest["parent"], "max_item_idx": manifest["max_item_idx"]}
 
 
@@ -133,7 +134,7 @@ def test_a_second_run_changes_nothing_and_says_so(base_run, tmp_path, monkeypatc
     assert not refresh.run_items(settings(untouched, base_run["catalog"]), log=quiet)["changed_version"]
 
 
-@pytest.mark.parametrize("dies_at", ["shard-0", "shard-3", "manifest", "publish"])
+@pytest.mark.parametrize("dies_at", ["shard-0", "shard-3", "manifest", "after-manifest", "publish"])
 def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run, tmp_path, monkeypatch, dies_at):
     catalog = changed_catalog(base_run, tmp_path / "c.csv")
     straight = copy_run(base_run, tmp_path / "straight")
@@ -141,6 +142,7 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
     run = copy_run(base_run, tmp_path / "run")
     before = store.current_version(run / "embeddings")
     real_write, real_finish, real_publish = store.ShardWriter.write, store.ShardWriter.finish, store.publish
+    real_drop_progress = store.drop_progress
 
     def write(self, index, *args):
         if dies_at == f"shard-{index}":
@@ -157,6 +159,12 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
             raise KeyboardInterrupt("killed")
         return real_publish(*args)
 
+    def drop_progress(*args):
+        if dies_at == "after-manifest":
+            raise KeyboardInterrupt("killed")
+        return real_drop_progress(*args)
+
+    monkeypatch.setattr(store, "drop_progress", drop_progress)
     monkeypatch.setattr(store.ShardWriter, "write", write)
     monkeypatch.setattr(store.ShardWriter, "finish", finish)
     monkeypatch.setattr(store, "publish", publish)
@@ -167,6 +175,25 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
     monkeypatch.undo()
     refresh.run_items(settings(run, catalog), log=quiet)
     assert version_digest(store.version_root(run)) == version_digest(store.version_root(straight))
+
+
+def test_embed_items_killed_after_its_manifest_reruns_to_the_files_of_a_straight_run(base_run, tmp_path,
+                                                                                     monkeypatch):
+    root = base_run["root"]
+    conf = cfg.load(stage_one.EmbedItemsConfig, None, [
+        f"data={base_run['data']}", f"out={tmp_path / 'run'}", f"item.model={root / 'tiny-bert'}",
+        "item.pooling=mean", "user.name=llama-tiny", "item.max_text_tokens=16", "finetune=false",
+        "embed.shard_rows=7", "device=cpu"])
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(store, "drop_progress", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage_one.run(conf, log=quiet)
+    monkeypatch.undo()
+    stage_one.run(conf, log=quiet)
+    assert version_digest(store.version_root(tmp_path / "run")) == version_digest(store.version_root(base_run["run"]))
 
 
 def test_kill_9_at_random_points_never_shows_a_partial_version(base_run, tmp_path):

@@ -124,9 +124,23 @@ class ShardWriter:
             **extra,
         }
         write_json_atomic(self.root / MANIFEST, manifest)
-        for progress in self.root.glob("progress*.json"):
-            progress.unlink(missing_ok=True)
+        drop_progress(self.root)
         return manifest
+
+
+def drop_progress(root: Path) -> None:
+    """Remove a version's progress files: the finish's last step, once its manifest is durable."""
+    for progress in root.glob("progress*.json"):
+        progress.unlink(missing_ok=True)
+
+
+def is_finished(root: Path) -> bool:
+    """Whether a version's manifest exists. A finish interrupted after writing its manifest is completed here (its
+    progress files removed), so a rerun leaves exactly the files of an uninterrupted run."""
+    if not (root / MANIFEST).is_file():
+        return False
+    drop_progress(root)
+    return True
 
 
 @dataclass
