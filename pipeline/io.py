@@ -111,3 +111,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftover_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete what atomic_path and atomic_dir leave in `folder` when their process is killed (`.NAME.*.tmp`);
+    returns the names removed. Call it only while holding the folder's job lock: then no writer is running."""
+    folder = Path(folder)
+    removed = []
+    for leftover in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover.name)
+    return removed

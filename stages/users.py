@@ -30,7 +30,15 @@ from pipeline.batches import user_vectors
 from pipeline.data.sequences import EvalExamples
 from pipeline.embeddings import store
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import atomic_dir, fingerprint, folder_sha256, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.io import (
+    atomic_dir,
+    fingerprint,
+    folder_sha256,
+    remove_leftover_temporaries,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.lock import job_lock
 from pipeline.models import build
 from pipeline.runtime import device_of, distributed_state, gather_rows, my_share, on_main
@@ -165,6 +173,8 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     state = distributed_state(device)  # under torchrun: each process computes a share of the vectors
     log = log if state.is_main_process else (lambda _: None)
     with job_lock(base, config.wait, log=log, state=state):
+        if state.is_main_process:  # what a killed run left behind (the lock says none is running)
+            remove_leftover_temporaries(base)
         path = user_llm_dir(config.run, config.user_llm)
         model, table, _, meta, root = load_scorer(config.run, path)
         model.to(device)

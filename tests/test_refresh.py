@@ -172,6 +172,8 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
         refresh.run_items(settings(run, catalog), log=quiet)
     assert store.current_version(run / "embeddings") == before  # readers still see the old version, whole
     store.load_embeddings(store.version_root(run))
+    for unfinished in (p for p in (run / "embeddings").glob("v-*") if not (p / store.MANIFEST).is_file()):
+        (unfinished / ".shard-00002.safetensors.k1ll3d.tmp").write_bytes(b"torn")  # what a kill -9 leaves
     monkeypatch.undo()
     refresh.run_items(settings(run, catalog), log=quiet)
     assert version_digest(store.version_root(run)) == version_digest(store.version_root(straight))
@@ -485,7 +487,11 @@ def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tm
     assert sorted(p.name for p in (run / "users").iterdir() if not p.name.startswith(".")) == \
         sorted(["CURRENT", first["version"]])  # nothing partial is visible
     monkeypatch.undo()
+    killed = run / "users" / f".{expected['version']}.k1ll3d.tmp"  # what a kill -9 inside atomic_dir leaves
+    (killed / "half").mkdir(parents=True)
+    (killed / "half" / "vectors.safetensors").write_bytes(b"torn")
     resumed = users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
+    assert not [p.name for p in (run / "users").iterdir() if p.name.endswith(".tmp")]
     assert resumed["version"] == expected["version"]
     a = users._load_users(run / "users" / resumed["version"])[:3]
     b = users._load_users(straight / "users" / expected["version"])[:3]

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.io import atomic_path, remove_leftover_temporaries, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,6 +99,7 @@ class ShardWriter:
         """Write items.parquet (item_idx, item_id, text_sha256 of the embedded items) and, last, the manifest:
         from now on the version is visible. `shards`: how many the version must have (every process's)."""
         self._collect()  # the other processes' shards
+        remove_leftover_temporaries(self.root)  # of processes killed mid-shard; every writer has finished now
         if shards is not None:
             missing = sorted({shard_name(k, self.fmt) for k in range(shards)} - set(self.done))
             if missing:
