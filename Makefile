@@ -15,6 +15,8 @@ CONFIG ?=
 EVAL_ARGS ?=
 CATALOG ?= artifacts/raw/$(DATASET)
 REFRESH_ARGS ?=
+# model presets are fetched here (the CLI's default elsewhere: ~/.cache/hllm-pipeline/models)
+export HLLM_MODELS_DIR ?= $(CURDIR)/artifacts/models
 
 .PHONY: install test demo data embed-items train-user eval refresh bench lint clean
 

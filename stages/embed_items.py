@@ -25,10 +25,10 @@ import polars as pl
 import torch
 
 from pipeline import config as cfg
-from pipeline import loop
+from pipeline import loop, versions
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.encode import Throughput, embed_items
-from pipeline.embeddings.store import ShardWriter, is_finished, publish
+from pipeline.embeddings.store import ShardWriter, version_root
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import fingerprint, folder_sha256, sha256_file
 from pipeline.lock import job_lock
@@ -39,6 +39,7 @@ from pipeline.models.item_sources import TextItems
 from pipeline.models.lower_states import kept_lower_states
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
+from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state, on_main
 
 
@@ -183,7 +184,7 @@ def _load_data(data: Path) -> tuple[UserSequences, pl.DataFrame]:
 
 def train(config: EmbedItemsConfig, model: SequenceModel, seqs: UserSequences, log=print) -> SequenceModel:
     """End-to-end training of both LLMs on short sequences (pipeline.loop); returns the best epoch's model."""
-    run_dir = config.out / "stage1"
+    run_dir = RunDir(config.out).stage1
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = {"model": {"item": cfg.to_dict(config.item), "user": cfg.to_dict(config.user)},
                 "interactions": sha256_file(config.data / "interactions.parquet"),
@@ -209,18 +210,18 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
     multi-process launch (accelerate `state`), each process embeds and writes every num_processes-th shard (a
     disjoint slice by item_idx) and the main process writes the manifest once all are done."""
     e, m = config.embed, config.item
-    model_fp = folder_sha256(config.out / "item_llm")
+    model_fp = folder_sha256(RunDir(config.out).item_llm)
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
     identity = {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "max_text_tokens": m.max_text_tokens,
                    "pooling": m.pooling, "positions": m.positions, "shard_rows": e.shard_rows, "format": e.format,
                    "dtype": e.dtype}
     version = e.version or f"v-{fingerprint(identity)[:12]}"
-    root = config.out / "embeddings" / version
+    root = RunDir(config.out).embeddings / version
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     log = log if rank == 0 else (lambda _: None)
-    with job_lock(config.out / "embeddings", wait=0, log=log, state=state):  # no refresh job may meet this one
-        current = config.out / "embeddings" / "CURRENT"
-        if is_finished(root):
+    with job_lock(RunDir(config.out).embeddings, wait=0, log=log, state=state):  # no refresh job may meet this one
+        current = RunDir(config.out).embeddings / "CURRENT"
+        if versions.is_finished(root):
             log(f"embeddings {version} already complete in {root}")
             if current.is_file() and current.read_text().strip() != version:
                 log(f"note: CURRENT stays at {current.read_text().strip()} (a refresh made it from this version); "
@@ -234,12 +235,12 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
             manifest = on_main(state, lambda: writer.finish(
                 items, item_llm.dim, shards=math.ceil(catalogue.num_items / e.shard_rows),
                 extra={"version": version, "parent": None, "max_item_idx": catalogue.num_items,
-                       "item_llm": str(config.out / "item_llm"), "throughput": rates, "processes": world}))
+                       "item_llm": str(RunDir(config.out).item_llm), "throughput": rates, "processes": world}))
             if manifest is not None:
                 log(f"embeddings {version}: {manifest['rows']:,} items x {manifest['dim']} ({e.dtype}, {e.format}) "
                     f"in {root}; {rates['items_per_s']:.0f} items/s, {rates['tokens_per_s']:.0f} tokens/s"
                     + (f" on the main process of {world}" if world > 1 else ""))
-        on_main(state, lambda: publish(config.out / "embeddings", version))
+        on_main(state, lambda: versions.publish(RunDir(config.out).embeddings, version))
     return root
 
 
@@ -293,7 +294,7 @@ def build_model(config: EmbedItemsConfig, items: pl.DataFrame, log=print
     catalogue = TokenizedCatalogue.build(tokenizer, items["text"].to_list(), i.max_text_tokens)
     lower = None
     if config.finetune and i.train_layers is not None and i.lower_outputs == "disk":
-        lower = kept_lower_states(config.out / "stage1", item_llm.to(device_of(config.device)), catalogue,
+        lower = kept_lower_states(RunDir(config.out).stage1, item_llm.to(device_of(config.device)), catalogue,
                                   i.positions, config.embed.token_budget, log=log)
     if i.lora_rank is not None:  # after the kept outputs, whose key is the frozen weights as loaded
         wrapped = llm.add_lora(item_llm, i.lora_rank, i.lora_alpha, i.lora_targets)
@@ -320,10 +321,10 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
     item_llm = model.items.item_llm
     llm.merge_lora(item_llm)  # with LoRA: every later reader (embedding job, refresh, eval) sees an ordinary model
     if state.is_main_process:  # one writer: every process holds the same weights
-        build.save_item_llm(item_llm, tokenizer, config.out / "item_llm", _item_meta(config))
-        build.save_user_llm(model, config.out / "user_llm_stage1",
+        build.save_item_llm(item_llm, tokenizer, RunDir(config.out).item_llm, _item_meta(config))
+        build.save_user_llm(model, RunDir(config.out).user_llm_stage1,
                             {**STAGE_META, "max_len": config.train.max_len, "trained": config.finetune})
-        cfg.save(config, config.out / "item_llm" / "config.yaml")
+        cfg.save(config, RunDir(config.out).item_llm / "config.yaml")
     state.wait_for_everyone()
     embed_catalogue(config, item_llm.to(device), catalogue, items, log=log, state=state)  # in slices, all processes
-    return config.out / "embeddings" / (config.out / "embeddings" / "CURRENT").read_text().strip()
+    return version_root(config.out)

@@ -31,6 +31,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
 from pipeline.metrics import MISS, metrics_from_ranks
 from pipeline.models import build
+from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state, gather_rows, my_share
 from pipeline.search import (
     FaissSearch,
@@ -51,7 +52,7 @@ class EvalConfig:
     run: Path = Path("artifacts/ml-100k")
     """The run folder (embeddings/, user_llm/, ...); reports/ is written into it."""
     data: Path | None = None
-    """Canonical tables; null: run/data."""
+    """Canonical tables; null: those stage one recorded for the run (else run/data)."""
     k: tuple[int, ...] = (10, 50, 200)
     """Cut-offs K of Recall@K and NDCG@K."""
     split: Literal["test", "valid"] = "test"
@@ -108,20 +109,6 @@ class EvalConfig:
         if self.search == "torch" and self.index != "flat":
             raise ConfigError(f"search=torch serves exact search only; use index=flat, or search=faiss for "
                               f"index={self.index}")
-
-
-def user_llm_dir(run: Path, which: str = "auto") -> Path:
-    """The run's User LLM folder: stage-two (run/user_llm), stage-one (run/user_llm_stage1) or auto (stage two
-    where it was trained)."""
-    stage_two, stage_one = run / "user_llm", run / "user_llm_stage1"
-    if which == "stage-two" or (which == "auto" and stage_two.is_dir()):
-        path = stage_two
-    else:
-        path = stage_one
-    if not (path / "user_llm.json").is_file():
-        raise UserError(f"{path}: no trained User LLM; run `make train-user` (stage two) or `make embed-items` "
-                        f"(stage one) first, or evaluate the floor with --model popularity")
-    return path
 
 
 def _ivf_lists(config: EvalConfig, n_items: int) -> int:
@@ -329,7 +316,7 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
 def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,
                   timings: dict, started: float) -> dict:
     """reports/eval-<stamp>.json and .md (and the per-user ranks), each written atomically."""
-    reports = config.run / "reports"
+    reports = RunDir(config.run).reports
     stamp = _report_stamp(reports)
     report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
               "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
@@ -359,13 +346,13 @@ def run(config: EvalConfig, log=print) -> dict | None:
     timings: dict[str, float] = {}
     state = distributed_state(device_of(config.device))
     log = log if state.is_main_process else (lambda _: None)
-    data = config.data or config.run / "data"
+    data = RunDir(config.run).data(config.data)
     seqs = UserSequences.load(data)
     examples = eval_examples(seqs, config.split)
     if len(examples) == 0:
         need = 2 if config.split == "test" else 3
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
-    path = user_llm_dir(config.run, config.user_llm) if config.model != "popularity" else None
+    path = RunDir(config.run).trained_user_llm(config.user_llm) if config.model != "popularity" else None
     catalogue = _catalogue(config, seqs, examples, data, path)
     protocol = _protocol(config, data, catalogue)
     # the popularity floor on the same users: training counts (leave-one-out train part), history masked alike

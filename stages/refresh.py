@@ -1,4 +1,4 @@
-"""Batch refresh of the item embeddings (`refresh items`, `refresh rollback`): made to run from cron, unattended.
+"""Batch refresh of the item embeddings (`refresh items`): made to run from cron, unattended.
 
 `refresh items` compares the catalogue as it is now with the run's current embeddings version: items whose text
 (text_sha256) and Item LLM are unchanged are carried over bit-identical, new and edited items are embedded with
@@ -9,14 +9,13 @@ and ID tables stay valid); new items get values above every one used so far.
 
 A second run with the same catalogue finds nothing to do. A run killed at any point leaves CURRENT on the old
 version; the rerun continues the new version from its last complete shard and ends as an uninterrupted run
-would. One job at a time holds embeddings/.lock (pipeline.lock).
+would. One job at a time holds embeddings/.lock (pipeline.lock). Versions follow pipeline.versions, which
+`refresh rollback` and `--keep` use.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,14 +25,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.data.text import item_text_expr, text_sha256
+from pipeline import versions
+from pipeline.data.readers import read_table
+from pipeline.data.text import TextRecipe, item_text_expr, text_recipe, text_sha256
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import Throughput, embed_items
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, fingerprint, folder_sha256
-from pipeline.lock import JobLock, job_lock
+from pipeline.lock import job_lock
 from pipeline.models import build
 from pipeline.models.tokens import TokenizedCatalogue
+from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state, on_main
 
 
@@ -68,60 +70,6 @@ class RefreshItemsConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The catalogue as it is now
-
-
-@dataclass(frozen=True)
-class TextRecipe:
-    """How `data prepare` built the item texts of a run: the same recipe must build the refreshed ones."""
-
-    format: str
-    text_keys: tuple[str, ...]
-    item_prompt: str
-    encoding: str | None
-
-
-def data_folder(run: Path, data: Path | None) -> Path:
-    """The canonical tables of a run: as given, or as stage one recorded them."""
-    if data is not None:
-        return data
-    import yaml
-
-    try:
-        recorded = (yaml.safe_load((run / "item_llm" / "config.yaml").read_text()) or {}).get("data")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    return Path(recorded) if recorded else run / "data"
-
-
-def text_recipe(data: Path) -> TextRecipe:
-    stats_path, config_path = data / "stats.json", data / "config.yaml"
-    try:
-        stats = json.loads(stats_path.read_text())
-        rules = stats["rules"]
-        import yaml
-
-        prepared = yaml.safe_load(config_path.read_text()) or {}
-        return TextRecipe(stats["format"], tuple(rules["text_keys"]), rules["item_prompt"], prepared.get("encoding"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{data}: not the canonical tables of a `data prepare` run (stats.json and config.yaml "
-                        f"are needed to build item texts: {type(e).__name__}); pass data=<the run's data folder>"
-                        ) from None
-
-
-def read_table(path: Path, expected: str) -> pl.DataFrame:
-    """A Parquet or CSV file of new input (CSV columns as strings: ids stay text, as the canonical tables keep
-    them); `expected`: what it should hold, for the errors."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty; expected {expected}")
-    try:
-        if path.suffix == ".parquet":
-            return pl.read_parquet(path)
-        return pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: not a readable {'Parquet' if path.suffix == '.parquet' else 'CSV'} file "
-                        f"({' '.join(str(e).split())[:160]})") from None
 
 
 def _read_source(path: Path, recipe: TextRecipe, workdir: Path) -> pl.DataFrame:
@@ -204,16 +152,6 @@ class RefreshPlan:
         return self.count("unchanged") == self.items.height and self.retired.height == 0
 
 
-def version_items(root: Path, data: Path) -> pl.DataFrame:
-    """item_idx, item_id, text_sha256 of a version (versions written before item_id was recorded take the ids
-    from the canonical tables they were made from)."""
-    items = pl.read_parquet(root / "items.parquet")
-    if "item_id" not in items.columns:
-        ids = pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id"])
-        items = items.join(ids, on="item_idx", how="left")
-    return items.select("item_idx", pl.col("item_id").cast(pl.String), "text_sha256")
-
-
 REGISTRY = "item_ids.parquet"
 """embeddings/item_ids.parquet: every (item_id, item_idx) pair the run has ever used, so a value is never given
 to another item (after a rollback, say) and an item that comes back gets its old value."""
@@ -225,7 +163,8 @@ def id_registry(base: Path, data: Path) -> pl.DataFrame:
     if (base / REGISTRY).is_file():
         return pl.read_parquet(base / REGISTRY)
     parts = [pl.read_parquet(data / "items.parquet", columns=["item_id", "item_idx"])]
-    parts += [version_items(base / v, data).select("item_id", "item_idx") for v in store.finished_versions(base)]
+    parts += [store.version_items(base / v, data).select("item_id", "item_idx")
+              for v in versions.finished_versions(base)]
     return pl.concat([p.select(pl.col("item_id").cast(pl.String), pl.col("item_idx").cast(pl.Int64)) for p in parts]
                      ).unique(subset="item_id", keep="first", maintain_order=True)
 
@@ -288,7 +227,7 @@ def _write_shards(run: Path, writer: store.ShardWriter, parent: store.EmbeddingT
             if k % world == rank and not writer.is_done(k)]
     todo = sum(int(changed[start:start + per_shard].sum()) for _, start in mine)
     if todo:
-        item_llm, tokenizer, meta = build.load_item_llm(run / "item_llm")
+        item_llm, tokenizer, meta = build.load_item_llm(RunDir(run).item_llm)
         item_llm.to(device).eval()
     meter = Throughput()  # embedding time: from here
     from tqdm import tqdm
@@ -308,55 +247,36 @@ def _write_shards(run: Path, writer: store.ShardWriter, parent: store.EmbeddingT
     return meter.rates()
 
 
-def prune(base: Path, keep: int, log=print) -> list[str]:
-    """Delete all but the `keep` newest finished versions (never the current one), and unfinished leftovers
-    that no job is writing (the caller holds the lock). Returns the names deleted."""
-    current = store.current_version(base)
-    finished = store.finished_versions(base)
-    keep_names = set(finished[-keep:]) | {current}
-    gone = []
-    for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if path.name in keep_names:
-            continue
-        trash = base / f".{path.name}.deleting"
-        path.rename(trash)  # gone from view at once; the files go after
-        shutil.rmtree(trash, ignore_errors=True)
-        gone.append(path.name)
-    if gone:
-        log(f"pruned {len(gone)} old version(s): {', '.join(gone)}")
-    return gone
-
-
 def _publish(base: Path, registry: pl.DataFrame, plan: RefreshPlan, version: str, keep: int | None, log) -> None:
     """Record the version's item_idx values, switch CURRENT to it, prune."""
     known = pl.concat([registry, plan.items.select("item_id", "item_idx")]).unique(
         subset="item_id", keep="first", maintain_order=True)
     with atomic_path(base / REGISTRY) as tmp:  # before CURRENT moves: no value is ever handed out twice
         known.write_parquet(tmp)
-    store.publish(base, version)
+    versions.publish(base, version)
     if keep is not None:
-        prune(base, keep, log=log)
+        versions.prune(base, keep, log=log)
 
 
 def run_items(config: RefreshItemsConfig, log=print) -> dict:
     """Refresh the run's item embeddings from the catalogue; returns the summary (also logged). Under a
     multi-process launch each process embeds and writes every num_processes-th shard of the new version."""
     started = time.perf_counter()
-    base = config.run / "embeddings"
-    data = data_folder(config.run, config.data)
+    base = RunDir(config.run).embeddings
+    data = RunDir(config.run).data(config.data)
     catalog = read_catalog(config.catalog, text_recipe(data))
     device = device_of(config.device)
     state = distributed_state(device)
     rank, world = state.process_index, state.num_processes
     log = log if rank == 0 else (lambda _: None)
     with job_lock(base, config.wait, log=log, state=state):
-        parent_name = store.current_version(base)
+        parent_name = versions.current_version(base)
         parent = store.load_embeddings(base / parent_name)
-        model_dir = config.run / "item_llm"
+        model_dir = RunDir(config.run).item_llm
         if not (model_dir / "item_llm.json").is_file():
             raise UserError(f"{model_dir}: no Item LLM to embed new items with; run `embed-items` for this run")
         model_fp = folder_sha256(model_dir)
-        old = version_items(parent.root, data)
+        old = store.version_items(parent.root, data)
         if old.join(catalog, on="item_id", how="semi").height == 0 and old.height:
             raise UserError(f"{config.catalog}: shares no item_id with version {parent_name} ({old.height:,} items, "
                             f"ids like {old['item_id'][0]!r}); every item would be retired: is it the right file?")
@@ -373,7 +293,7 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
                                       "items": plan.items.select("item_idx", "item_id", "text_sha256").rows()}
                               )[:12]
         root = base / version
-        if not store.is_finished(root):
+        if not versions.is_finished(root):
             if not same_model:
                 log("the Item LLM differs from the one that made the current version: re-embedding every item")
             writer = store.ShardWriter(root, parent.manifest["format"], parent.manifest["dtype"],
@@ -392,19 +312,3 @@ def run_items(config: RefreshItemsConfig, log=print) -> dict:
         f"{summary['unchanged']:,} unchanged (carried over), {summary['retired']:,} retired; "
         f"{summary['seconds']:.1f}s")
     return summary
-
-
-def rollback(run: Path, version: str | None = None, wait: float = 0, log=print) -> str:
-    """Point CURRENT back at `version` (default: the current version's parent); returns the version now current."""
-    base = run / "embeddings"
-    with JobLock(base, wait, log=log):
-        current = store.current_version(base)
-        if version is None:
-            version = store.read_manifest(base / current).get("parent")
-            if not version:
-                raise UserError(f"{base / current}: has no parent version to roll back to; name one: "
-                                f"{', '.join(store.finished_versions(base))}")
-        store.version_root(run, version)  # finished, or a one-line error listing those that are
-        store.publish(base, version)
-    log(f"CURRENT: {current} -> {version}")
-    return version

@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_text_atomic
 from pipeline.metrics import MISS, per_user_metrics
+from pipeline.run_dir import RunDir
 
 PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking")
 """What must be equal for two runs' numbers to share a table (K may differ: a missing K is an empty cell)."""
@@ -93,7 +94,7 @@ def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
             continue
         if not path.is_dir():
             raise UserError(f"{path}: no such run folder or eval report")
-        reports = sorted((path / "reports").glob("eval-*.json"))
+        reports = sorted(RunDir(path).reports.glob("eval-*.json"))
         if not reports:
             raise UserError(f"{path}: no eval report under {path / 'reports'}; run `hllm-pipeline eval --run {path}`")
         newest: dict[tuple, Entry] = {}
@@ -108,8 +109,8 @@ def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
 
 
 def _curve(run: Path) -> Curve | None:
-    for stage in ("stage2", "stage1"):
-        log = run / stage / "metrics.jsonl"
+    for stage in (RunDir(run).stage2, RunDir(run).stage1):
+        log = stage / "metrics.jsonl"
         if log.is_file():
             by_epoch: dict[int, dict] = {}
             for line in log.read_text().splitlines():

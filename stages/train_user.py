@@ -25,6 +25,7 @@ from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
 from pipeline.models.sequence_model import SequenceModel
+from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state
 
 
@@ -74,7 +75,7 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     the catalogue size, where it does not); init=stage-one also takes stage one's logit scale (and any time or
     ID embedding it trained)."""
     num_items = num_items if num_items is not None else table.shape[0] - 1
-    stage_one = config.run / "user_llm_stage1"
+    stage_one = RunDir(config.run).user_llm_stage1
     user_llm = build.user_llm_from(config.user, stage_one, log=log)
     items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width)
     model = build.sequence_model(items, user_llm, config.user)
@@ -98,7 +99,7 @@ def run(config: TrainUserConfig, log=print) -> Path:
     torch.manual_seed(config.seed)
     device = device_of(config.device)
     model = build_model(config, table, seqs.num_items, log=log).to(device)
-    run_dir = config.run / "stage2"
+    run_dir = RunDir(config.run).stage2
     run_dir.mkdir(parents=True, exist_ok=True)
     state = distributed_state(device)
     model_identity = {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items}
@@ -115,7 +116,7 @@ def run(config: TrainUserConfig, log=print) -> Path:
                        resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, meta),
                        load_best=build.load_model_weights, name="stage two", log=log,
                        save_config=lambda path: cfg.save(config, path))
-    out = config.run / "user_llm"
+    out = RunDir(config.run).user_llm
     if state.is_main_process:  # one writer: every process holds the same weights
         build.save_user_llm(model, out, meta)
         cfg.save(config, out / "config.yaml")

@@ -26,8 +26,11 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import versions
 from pipeline.batches import user_vectors
+from pipeline.data.readers import read_table
 from pipeline.data.sequences import EvalExamples
+from pipeline.data.text import text_recipe
 from pipeline.embeddings import store
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import (
@@ -37,14 +40,12 @@ from pipeline.io import (
     remove_leftover_temporaries,
     sha256_file,
     write_json_atomic,
-    write_text_atomic,
 )
 from pipeline.lock import job_lock
 from pipeline.models import build
+from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state, gather_rows, my_share, on_main
 from pipeline.search import normalise
-from stages.evaluate import user_llm_dir
-from stages.refresh import data_folder, read_table, text_recipe, version_items
 
 
 def parse_since(value: str, now: float | None = None) -> int:
@@ -167,19 +168,19 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     """Refresh the user vectors; returns the summary (also logged)."""
     started = time.perf_counter()
     since = parse_since(config.since) if config.since is not None else None
-    data = data_folder(config.run, config.data)
-    base = config.run / "users"
+    data = RunDir(config.run).data(config.data)
+    base = RunDir(config.run).users
     device = device_of(config.device)
     state = distributed_state(device)  # under torchrun: each process computes a share of the vectors
     log = log if state.is_main_process else (lambda _: None)
     with job_lock(base, config.wait, log=log, state=state):
         if state.is_main_process:  # what a killed run left behind (the lock says none is running)
             remove_leftover_temporaries(base)
-        path = user_llm_dir(config.run, config.user_llm)
+        path = RunDir(config.run).trained_user_llm(config.user_llm)
         model, table, _, meta, root = load_scorer(config.run, path)
         model.to(device)
         table = table.to(device)
-        known = (version_items(root, data) if root is not None else
+        known = (store.version_items(root, data) if root is not None else
                  pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id"]))
         known = known.select("item_id", pl.col("item_idx").cast(pl.Int64))
         new, rejected = (_new_interactions(config.interactions, known) if config.interactions is not None
@@ -188,7 +189,7 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
         inputs = {"user_llm": folder_sha256(path), "embeddings": root.name if root else None,
                   "data": sha256_file(data / "interactions.parquet"), "since": since, "max_len": max_len,
                   "interactions": sha256_file(config.interactions) if config.interactions else None}
-        parent = store.current_version(base, hint=USERS_HINT) if (base / "CURRENT").is_file() else None
+        parent = versions.current_version(base, hint=USERS_HINT) if (base / "CURRENT").is_file() else None
         try:
             previous = _load_users(base / parent) if parent else None
         except UserError as e:
@@ -274,17 +275,18 @@ def _write_version(base: Path, version: str, vectors: torch.Tensor, histories: p
         write_json_atomic(out / "manifest.json", {
             **manifest, "files": {name: sha256_file(out / name) for name in files},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    write_text_atomic(base / "CURRENT", version + "\n")
+    versions.publish(base, version)
 
 
 ADDED_SCHEMA = pl.DataFrame(schema={"user_id": pl.String, "item_idx": pl.Int64, "timestamp": pl.Int64})
-USERS_HINT = "point users/CURRENT at another version under users/, or rerun `hllm-pipeline refresh users --all`"
+USERS_HINT = ("roll back to another version (`hllm-pipeline refresh rollback --store users`), or rerun "
+              "`hllm-pipeline refresh users --all`")
 
 
 def _load_users(root: Path) -> tuple[pl.DataFrame, torch.Tensor, dict, pl.DataFrame]:
     """A users version: its users.parquet, vectors (U, D), manifest and the interactions added since the
     canonical tables, checksums verified."""
-    manifest = store.read_manifest(root, required=("inputs", "files"), hint=USERS_HINT)
+    manifest = versions.read_manifest(root, required=("inputs", "files"), hint=USERS_HINT)
     for name, sha in manifest["files"].items():
         if not (root / name).is_file() or sha256_file(root / name) != sha:
             raise UserError(f"{root / name}: missing or its checksum does not match the manifest; {USERS_HINT}")
@@ -314,11 +316,9 @@ class RecommendConfig:
 def recommend(config: RecommendConfig, log=print) -> pl.DataFrame:
     """The user's top-k items (rank, item_id, score, text) from their stored vector, over the current item
     version: items the user has seen and retired items left out."""
-    base = config.run / "users"
-    if not (base / "CURRENT").is_file():
-        raise UserError(f"{base / 'CURRENT'}: no user vectors yet; run `hllm-pipeline refresh users all=true "
-                        f"--run {config.run}` first")
-    version = store.current_version(base, hint=USERS_HINT)
+    base = RunDir(config.run).users
+    version = versions.current_version(base, hint=USERS_HINT,
+                                       first=f"run `hllm-pipeline refresh users all=true --run {config.run}` first")
     users, vectors, manifest, _ = _load_users(base / version)
     row = users.with_row_index("row").filter(pl.col("user_id") == str(config.user).strip())
     if row.height == 0:
@@ -341,7 +341,7 @@ def recommend(config: RecommendConfig, log=print) -> pl.DataFrame:
     k = min(config.k, int((~hidden).sum()))
     order = np.lexsort((np.arange(len(scores)), -scores.numpy()))[:k]  # score desc, ties by item_idx
     idx = pl.DataFrame({"item_idx": order.astype(np.int64), "score": scores.numpy()[order]})
-    data_items = data_folder(config.run, config.data) / "items.parquet"
+    data_items = RunDir(config.run).data(config.data) / "items.parquet"
     names = pl.read_parquet(root / "items.parquet") if root is not None else pl.read_parquet(data_items)
     if "text" not in names.columns and data_items.is_file():  # versions written before texts were kept
         names = names.join(pl.read_parquet(data_items, columns=["item_idx", "text"]), on="item_idx", how="left")

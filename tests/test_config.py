@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Literal
 
 import pytest
-from conftest import write
+from conftest import REPO, write
 
 from pipeline import config as cfg
 from pipeline.errors import ConfigError
@@ -107,3 +110,14 @@ def test_every_stage_setting_is_documented_down_to_its_sections():
         todo += [hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
     names = {cls.__name__ for cls in seen}
     assert {"LoopConfig", "UserModelConfig", "ItemModelConfig"} <= names, names
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["data", "prepare", "--help"], ["refresh", "--help"]])
+def test_help_and_data_prepare_start_without_torch(argv):
+    script = ("import sys\nfrom pipeline import cli\nsys.argv = ['hllm-pipeline', *sys.argv[1:]]\n"
+              "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+              "print('torch imported' if 'torch' in sys.modules else 'no torch', code, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr[-2000:]
+    assert "Usage:" in done.stdout

@@ -363,3 +363,23 @@ def test_anchor_rules():
     assert slug("Comparing runs: `report`") == "comparing-runs-report"
     assert slug("Benchmark: a 1% refresh") == "benchmark-a-1-refresh"
     assert slug("Set-up: two commands") == "set-up-two-commands"
+
+
+def test_stages_import_only_from_the_library_never_from_each_other():
+    import ast
+
+    for path in sorted((REPO / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "stages" or n.startswith("stages.") for n in names), f"{path.name} imports {names}"
+
+
+def test_the_models_folder_follows_its_environment_variable(monkeypatch, tmp_path):
+    from pipeline.models import presets
+
+    monkeypatch.setenv("HLLM_MODELS_DIR", str(tmp_path / "models"))
+    assert presets.models_dir() == tmp_path / "models"
+    monkeypatch.delenv("HLLM_MODELS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert presets.models_dir() == tmp_path / "cache" / "hllm-pipeline" / "models"

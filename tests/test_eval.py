@@ -14,7 +14,7 @@ import torch
 from conftest import make_cached_run, run_cli
 
 from pipeline import config as cfg
-from pipeline.cli import expand_multi_value_options
+from pipeline.cli import STAGES, list_option_values
 from pipeline.data.sequences import UserSequences, eval_examples
 from pipeline.embeddings.store import load_embeddings
 from pipeline.errors import UserError
@@ -216,11 +216,13 @@ def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
 
 
 def test_k_option_takes_several_values():
-    assert expand_multi_value_options(["eval", "--k", "10", "50", "200", "--split", "valid", "index=hnsw"]) == [
-        "eval", "--k", "10", "--k", "50", "--k", "200", "--split", "valid", "index=hnsw"]
-    assert expand_multi_value_options(["eval", "--k"]) == ["eval", "--k"]
-    # only eval's --k takes several values: bench search --k is one number
-    assert expand_multi_value_options(["bench", "search", "--k", "10", "50"]) == ["bench", "search", "--k", "10", "50"]
+    # what click hands over for `eval --k 10 50 200 --split valid index=hnsw`
+    assert list_option_values(STAGES["eval"], ["50", "200", "index=hnsw"], {"k": ("10",), "split": "valid"}) == (
+        ["index=hnsw"], {"k": ("10", "50", "200"), "split": "valid"})
+    # without --k a bare value stays where it is, for the config layer to refuse
+    assert list_option_values(STAGES["eval"], ["50"], {}) == (["50"], {})
+    # commands without a list option are untouched
+    assert list_option_values(STAGES["recommend"], ["7"], {"k": "5"}) == (["7"], {"k": "5"})
     assert evaluate.EvalConfig(k=(200, 10, 10, 50)).k == (10, 50, 200)
 
 

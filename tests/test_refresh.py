@@ -20,6 +20,8 @@ import torch
 from conftest import REPO, make_planted_data, make_tiny_item_model, quiet, run_cli
 
 from pipeline import config as cfg
+from pipeline import versions
+from pipeline.data.text import TextRecipe
 from pipeline.embeddings import store
 from pipeline.embeddings.encode import embed_items
 from pipeline.errors import UserError
@@ -140,9 +142,9 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
     straight = copy_run(base_run, tmp_path / "straight")
     refresh.run_items(settings(straight, catalog), log=quiet)
     run = copy_run(base_run, tmp_path / "run")
-    before = store.current_version(run / "embeddings")
-    real_write, real_finish, real_publish = store.ShardWriter.write, store.ShardWriter.finish, store.publish
-    real_drop_progress = store.drop_progress
+    before = versions.current_version(run / "embeddings")
+    real_write, real_finish, real_publish = store.ShardWriter.write, store.ShardWriter.finish, versions.publish
+    real_drop_progress = versions.drop_progress
 
     def write(self, index, *args):
         if dies_at == f"shard-{index}":
@@ -164,15 +166,15 @@ def test_a_killed_refresh_is_invisible_and_resumes_to_the_same_version(base_run,
             raise KeyboardInterrupt("killed")
         return real_drop_progress(*args)
 
-    monkeypatch.setattr(store, "drop_progress", drop_progress)
+    monkeypatch.setattr(versions, "drop_progress", drop_progress)
     monkeypatch.setattr(store.ShardWriter, "write", write)
     monkeypatch.setattr(store.ShardWriter, "finish", finish)
-    monkeypatch.setattr(store, "publish", publish)
+    monkeypatch.setattr(versions, "publish", publish)
     with pytest.raises(KeyboardInterrupt):
         refresh.run_items(settings(run, catalog), log=quiet)
-    assert store.current_version(run / "embeddings") == before  # readers still see the old version, whole
+    assert versions.current_version(run / "embeddings") == before  # readers still see the old version, whole
     store.load_embeddings(store.version_root(run))
-    for unfinished in (p for p in (run / "embeddings").glob("v-*") if not (p / store.MANIFEST).is_file()):
+    for unfinished in (p for p in (run / "embeddings").glob("v-*") if not (p / versions.MANIFEST).is_file()):
         (unfinished / ".shard-00002.safetensors.k1ll3d.tmp").write_bytes(b"torn")  # what a kill -9 leaves
     monkeypatch.undo()
     refresh.run_items(settings(run, catalog), log=quiet)
@@ -190,7 +192,7 @@ def test_embed_items_killed_after_its_manifest_reruns_to_the_files_of_a_straight
     def killed(*args):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(store, "drop_progress", killed)
+    monkeypatch.setattr(versions, "drop_progress", killed)
     with pytest.raises(KeyboardInterrupt):
         stage_one.run(conf, log=quiet)
     monkeypatch.undo()
@@ -223,14 +225,14 @@ def test_kill_9_at_random_points_never_shows_a_partial_version(base_run, tmp_pat
 def test_a_concurrent_job_fails_clearly_and_a_dead_ones_lock_is_taken_over(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
     catalog = changed_catalog(base_run, tmp_path / "c.csv")
-    before = store.current_version(run / "embeddings")
+    before = versions.current_version(run / "embeddings")
     with JobLock(run / "embeddings", log=quiet):
         done = run_cli("refresh", "items", "--catalog", str(catalog), "--run", str(run), "device=cpu")
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "another job holds this lock" in done.stderr
         with pytest.raises(UserError, match="waited 0.3 s"):
             refresh.run_items(settings(run, catalog, "wait=0.3"), log=quiet)
-    assert store.current_version(run / "embeddings") == before
+    assert versions.current_version(run / "embeddings") == before
     # a lock file left by a process that is gone: the next job says so and goes ahead
     (run / "embeddings" / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 17, "host": os.uname().nodename,
                                                           "started": "yesterday", "command": "refresh items"}))
@@ -241,19 +243,19 @@ def test_a_concurrent_job_fails_clearly_and_a_dead_ones_lock_is_taken_over(base_
 
 def test_rollback_and_keep(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
-    first = store.current_version(run / "embeddings")
+    first = versions.current_version(run / "embeddings")
     original = store.load_embeddings(store.version_root(run)).embeddings
     second = refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)["version"]
-    assert refresh.rollback(run, log=quiet) == first  # default: the parent
+    assert versions.rollback(run / "embeddings", log=quiet) == first  # default: the parent
     assert torch.equal(store.load_embeddings(store.version_root(run)).embeddings, original)
-    assert refresh.rollback(run, second, log=quiet) == second
+    assert versions.rollback(run / "embeddings", second, log=quiet) == second
     with pytest.raises(UserError, match="v-nope does not exist"):
-        refresh.rollback(run, "v-nope", log=quiet)
+        versions.rollback(run / "embeddings", "v-nope", log=quiet)
     # a third version, keeping two: the first goes
     shrunk = base_run["items"].select("item_id", "title").filter(pl.col("item_id") != "i1")
     shrunk.write_csv(tmp_path / "s.csv")
     third = refresh.run_items(settings(run, tmp_path / "s.csv", "keep=2"), log=quiet)["version"]
-    assert sorted(store.finished_versions(run / "embeddings")) == sorted([second, third])
+    assert sorted(versions.finished_versions(run / "embeddings")) == sorted([second, third])
     done = run_cli("refresh", "rollback", first, "--run", str(run))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
 
@@ -264,7 +266,7 @@ def write_manifest(root: Path, text: str) -> None:
 
 def test_a_damaged_store_is_a_one_line_error(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
-    version = store.current_version(run / "embeddings")
+    version = versions.current_version(run / "embeddings")
     manifest = (run / "embeddings" / version / "manifest.json").read_text()
     data = base_run["data"]
     train = ["train-user", f"data={data}", f"run={run}", "user.init=scratch", "train.epochs=1", "device=cpu"]
@@ -324,7 +326,7 @@ def test_bad_catalogues_are_one_line_errors_and_write_nothing(base_run, tmp_path
 
 
 def test_a_malformed_line_of_a_grouplens_catalogue_is_an_error_not_a_retired_item(ml1m_dir):
-    recipe = refresh.TextRecipe("movielens", ("title", "genres"), "", "latin-1")
+    recipe = TextRecipe("movielens", ("title", "genres"), "", "latin-1")
     assert refresh.read_catalog(ml1m_dir, recipe)["item_id"].to_list() == ["1", "2", "3", "4", "5"]
     movies = ml1m_dir / "movies.dat"
     lines = movies.read_text(encoding="latin-1").splitlines()
@@ -351,7 +353,7 @@ def test_eval_follows_the_current_version_and_rollback_restores_its_results(base
     assert card["model"]["embeddings_version"] == version
     assert (card["items"], card["retired_items"], card["candidate_items"]) == (45, 3, 42)
     assert after["metrics"] != before["metrics"]
-    refresh.rollback(run, log=quiet)
+    versions.rollback(run / "embeddings", log=quiet)
     again = evaluate_run()
     assert again["protocol"]["model"]["embeddings_version"] == before["protocol"]["model"]["embeddings_version"]
     assert again["metrics"] == before["metrics"] and "retired_items" not in again["protocol"]
@@ -457,7 +459,7 @@ def test_recommend_ranks_unseen_live_items_by_the_stored_vector(base_run, tmp_pa
     users.run_users(users_settings(run, "all=true"), log=quiet)
     conf = cfg.load(users.RecommendConfig, None, [f"run={run}", "user=u0", "k=5"])
     top = users.recommend(conf, log=quiet)
-    frame, vectors, _ = users._load_users(run / "users" / store.current_version(run / "users"))[:3]
+    frame, vectors, _ = users._load_users(run / "users" / versions.current_version(run / "users"))[:3]
     row = frame["user_id"].to_list().index("u0")
     seen = set(frame["seen"][row].to_list())
     model, table, live, _, _ = users.load_scorer(run, run / "user_llm_stage1")
@@ -469,6 +471,26 @@ def test_recommend_ranks_unseen_live_items_by_the_stored_vector(base_run, tmp_pa
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 4 and "title: w" in done.stdout
     done = run_cli("recommend", "--user", "nobody", "--run", str(run))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no user 'nobody'" in done.stderr
+
+
+def test_user_vectors_roll_back_like_embeddings(base_run, tmp_path):
+    from stages import users
+
+    run = copy_run(base_run, tmp_path / "run")
+    first = users.run_users(users_settings(run, "all=true"), log=quiet)["version"]
+    second = users.run_users(users_settings(run, "since=4000", f"interactions={new_interactions(tmp_path / 'n.csv')}"),
+                             log=quiet)["version"]
+    assert second != first and versions.current_version(run / "users") == second
+    done = run_cli("refresh", "rollback", "--store", "users", "--run", str(run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert versions.current_version(run / "users") == first
+    assert versions.current_version(run / "embeddings") == versions.current_version(base_run["run"] / "embeddings")
+    done = run_cli("refresh", "rollback", second, "--store", "users", "--run", str(run))
+    assert done.returncode == 0 and versions.current_version(run / "users") == second
+    done = run_cli("refresh", "rollback", "--store", "users", "--run", str(run), "--wait", "0")
+    assert versions.current_version(run / "users") == first
+    done = run_cli("refresh", "rollback", "--store", "users", "--run", str(run))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no parent version" in done.stderr
 
 
 def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tmp_path, monkeypatch):
@@ -483,7 +505,7 @@ def test_refresh_users_is_crash_safe_exclusive_and_checks_its_input(base_run, tm
     monkeypatch.setattr(users, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
     with pytest.raises(KeyboardInterrupt):
         users.run_users(users_settings(run, "since=4000", f"interactions={extra}"), log=quiet)
-    assert store.current_version(run / "users") == first["version"]
+    assert versions.current_version(run / "users") == first["version"]
     assert sorted(p.name for p in (run / "users").iterdir() if not p.name.startswith(".")) == \
         sorted(["CURRENT", first["version"]])  # nothing partial is visible
     monkeypatch.undo()
@@ -549,14 +571,14 @@ def test_eval_after_a_refresh_patches_the_index_and_matches_a_fresh_build(base_r
 
     evaluate_run()
     evaluate_run("index=hnsw")
-    parent = store.current_version(run / "embeddings")
+    parent = versions.current_version(run / "embeddings")
     refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)
     patched = evaluate_run()
     card = patched["protocol"]["index"]
     assert parent in card["patched_from"] and (card["removed"], card["added"]) == (13, 15)
     assert "patched_from" not in evaluate_run("index=hnsw")["protocol"]["index"]  # HNSW is rebuilt
     shutil.rmtree(run / "embeddings" / parent / "index")
-    for saved in (run / "embeddings" / store.current_version(run / "embeddings") / "index").glob("flat-*"):
+    for saved in (run / "embeddings" / versions.current_version(run / "embeddings") / "index").glob("flat-*"):
         saved.unlink()
     fresh = evaluate_run()
     assert "patched_from" not in fresh["protocol"]["index"] and fresh["metrics"] == patched["metrics"]
@@ -610,7 +632,7 @@ def test_eval_and_user_vectors_split_users_across_processes(base_run, tmp_path):
         from stages import users
 
         results[procs] = (json.loads(reports[0].read_text()),
-                          users._load_users(run / "users" / store.current_version(run / "users"))[:3])
+                          users._load_users(run / "users" / versions.current_version(run / "users"))[:3])
     (one, (frame1, vectors1, _)), (two, (frame2, vectors2, _)) = results[1], results[2]
     assert two["users"] == one["users"] == 120 and two["timings"]["processes"] == 2
     for name, value in one["metrics"].items():
@@ -623,9 +645,9 @@ def test_item_idx_values_are_never_handed_out_twice(base_run, tmp_path):
     """After a rollback the next refresh does not reuse the values of the version rolled back from, an item
     that comes back gets its old value, and re-running embed-items leaves a refreshed CURRENT where it is."""
     run = copy_run(base_run, tmp_path / "run")
-    first = store.current_version(run / "embeddings")
+    first = versions.current_version(run / "embeddings")
     refresh.run_items(settings(run, changed_catalog(base_run, tmp_path / "c.csv")), log=quiet)  # n0..n4: 41..45
-    refresh.rollback(run, log=quiet)
+    versions.rollback(run / "embeddings", log=quiet)
     items = base_run["items"].select("item_id", "title")
     other = pl.DataFrame({"item_id": ["m0"], "title": ["w1 w2"]})
     pl.concat([items.filter(pl.col("item_id") != "i3"), other]).write_csv(tmp_path / "m.csv")
@@ -641,7 +663,7 @@ def test_item_idx_values_are_never_handed_out_twice(base_run, tmp_path):
         f"data={base_run['data']}", f"out={run}", f"item.model={base_run['root'] / 'tiny-bert'}", "item.pooling=mean",
         "user.name=llama-tiny", "item.max_text_tokens=16", "finetune=false", "embed.shard_rows=7", "device=cpu"])
     stage_one.run(conf, log=said.append)
-    assert store.current_version(run / "embeddings") == third and first in "".join(said)
+    assert versions.current_version(run / "embeddings") == third and first in "".join(said)
 
 
 def test_users_keep_every_earlier_interactions_file(base_run, tmp_path):
@@ -670,7 +692,7 @@ def test_a_failure_on_the_main_process_stops_every_process(base_run, tmp_path):
     """Under torchrun, when a step only the main process runs (here: switching CURRENT) fails, the other process
     stops with a message instead of waiting at a barrier, and CURRENT stays on the old version."""
     run = copy_run(base_run, tmp_path / "run")
-    before = store.current_version(run / "embeddings")
+    before = versions.current_version(run / "embeddings")
     catalog = changed_catalog(base_run, tmp_path / "c.csv")
     script = tmp_path / "fail.py"
     script.write_text(f"""
@@ -683,7 +705,7 @@ def broken(*args):
     raise OSError("disk full")
 
 if os.environ.get("RANK") == "0":
-    refresh.store.publish = broken
+    refresh.versions.publish = broken
 try:
     refresh.run_items(cfg.load(refresh.RefreshItemsConfig, None, [
         "catalog={catalog}", "run={run}", "device=cpu"]), log=lambda _: None)
@@ -697,4 +719,4 @@ except Exception as e:
     assert done.returncode != 0
     assert "rank 0: OSError: disk full" in done.stderr
     assert "rank 1: UserError: the main process failed (OSError: disk full)" in done.stderr
-    assert store.current_version(run / "embeddings") == before
+    assert versions.current_version(run / "embeddings") == before

@@ -537,3 +537,19 @@ def read_amazon_books(source: Path, items_path: Path | None, text_keys: tuple[st
         rejected=[rejected_meta],
         inputs=[ratings_path, meta_path],
     )
+
+
+def read_table(path: Path, expected: str) -> pl.DataFrame:
+    """A Parquet or CSV file of new input (CSV columns as strings: ids stay text, as the canonical tables keep
+    them); `expected`: what it should hold, for the errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: file is empty; expected {expected}")
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        return pl.read_csv(path, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{path}: not a readable {'Parquet' if path.suffix == '.parquet' else 'CSV'} file "
+                        f"({' '.join(str(e).split())[:160]})") from None

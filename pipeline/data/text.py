@@ -11,9 +11,14 @@ placeholder positions whose input embeddings the Item LLM replaces with learnabl
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
+
+from pipeline.errors import UserError
 
 DEFAULT_ITEM_PROMPT = "Compress the following sentence into embedding: "
 DEFAULT_TEXT_KEYS = {
@@ -61,3 +66,28 @@ def encode_item_text(tokenizer, texts: Sequence[str], max_text_tokens: int = 256
     encoded = tokenizer([t[:max_text_tokens * 64] for t in texts], add_special_tokens=True,
                         truncation=False, verbose=False)["input_ids"]
     return [ids[:max_text_tokens] + [placeholder_id] * n_item_tokens for ids in encoded]
+
+
+@dataclass(frozen=True)
+class TextRecipe:
+    """How `data prepare` built the item texts of a run: the same recipe must build the refreshed ones."""
+
+    format: str
+    text_keys: tuple[str, ...]
+    item_prompt: str
+    encoding: str | None
+
+
+def text_recipe(data: Path) -> TextRecipe:
+    stats_path, config_path = data / "stats.json", data / "config.yaml"
+    try:
+        stats = json.loads(stats_path.read_text())
+        rules = stats["rules"]
+        import yaml
+
+        prepared = yaml.safe_load(config_path.read_text()) or {}
+        return TextRecipe(stats["format"], tuple(rules["text_keys"]), rules["item_prompt"], prepared.get("encoding"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{data}: not the canonical tables of a `data prepare` run (stats.json and config.yaml "
+                        f"are needed to build item texts: {type(e).__name__}); pass data=<the run's data folder>"
+                        ) from None

