@@ -539,7 +539,7 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
                 times, work = [], []
                 for step in range(steps + 1):  # the first step warms up (and makes the optimizer's state)
                     sampled = np.arange(1, seqs.num_items + 1) if everything else \
-                        sample_negatives(seqs.num_items, count, 0, step, 0)
+                        sample_negatives(seqs.trainable_items(), count, 0, step, 0)
                     start = time.perf_counter()
                     batch = make_step_batch(seq_model.items, batches.item_ids(0, step), sampled, 0, 1,
                                             full_catalogue=everything and table)

@@ -53,9 +53,10 @@ class SequenceBatches:
         return out
 
 
-def sample_negatives(num_items: int, count: int, seed: int, step: int, micro: int) -> np.ndarray:
-    """`count` item_idx drawn uniformly from 1..num_items, the same on every process for a given step."""
-    return np.random.default_rng([seed, 7919, step, micro]).integers(1, num_items + 1, size=count)
+def sample_negatives(pool: np.ndarray, count: int, seed: int, step: int, micro: int) -> np.ndarray:
+    """`count` item_idx drawn uniformly from `pool` (the trainable items, UserSequences.trainable_items), the same
+    on every process for a given step. With the pool 1..N the draws equal integers(1, N + 1)'s."""
+    return pool[np.random.default_rng([seed, 7919, step, micro]).integers(0, len(pool), size=count)]
 
 
 @dataclass
@@ -82,7 +83,7 @@ class StepBatch:
     in_batch_negatives: bool
     """Also use the batch's other targets as negatives."""
     full_catalogue: bool
-    """The negatives are every item 1..N in order (loss=softmax): the loss is plain cross-entropy."""
+    """The negatives are every trainable item in item_idx order (loss=softmax): the loss is plain cross-entropy."""
     positions: int
     """Valid (input, target) positions in this process's share."""
     items: int

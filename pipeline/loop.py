@@ -72,7 +72,8 @@ class LoopConfig:
     eval_users: int = 1000
     """Users sampled (fixed) for validation after each epoch; 0 turns validation off."""
     early_stopping_metric: str = "ndcg@200"
-    """Validation metric that picks the best epoch: ndcg@K or recall@K, K in 10, 50, 200."""
+    """Validation metric that picks the best epoch: ndcg@K or recall@K, K in 10, 50, 200; with a new-item split
+    `new:ndcg@10` or `warm:ndcg@10` picks it on one kind of target."""
     patience: int = 2
     """Stop after this many epochs without improvement. Resuming a run that stopped early with more patience
     trains on from where it stopped."""
@@ -110,10 +111,11 @@ class LoopConfig:
         if self.loss == "softmax" and self.in_batch_negatives:
             raise ConfigError("train.in_batch_negatives=true adds nothing to train.loss=softmax (every item is a "
                               "negative already) and would count the batch's targets twice; set it to false")
-        metric, _, k = self.early_stopping_metric.partition("@")
-        if metric not in ("ndcg", "recall") or k not in ("10", "50", "200"):
+        kind, _, name = self.early_stopping_metric.rpartition(":")
+        metric, _, k = name.partition("@")
+        if metric not in ("ndcg", "recall") or k not in ("10", "50", "200") or kind not in ("", "new", "warm"):
             raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
-                              "with K one of 10, 50, 200")
+                              "with K one of 10, 50, 200 (new:ndcg@10 or warm:ndcg@10 for one kind of target)")
 
     def trajectory(self) -> dict:
         """The settings that decide the weights after a given step. Logging, saving and patience (when to stop)
@@ -218,6 +220,9 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     if limit is not None and t.max_len > limit:
         raise ConfigError(f"train.max_len={t.max_len}: the User LLM has {limit} positions; lower train.max_len or "
                           "choose a User LLM with more")
+    if ":" in t.early_stopping_metric and not len(seqs.new_items):
+        raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric}: the data has no new-item split "
+                          "(data prepare new_item_fraction=...); use a metric without a kind")
     windows = training_windows(seqs, t.max_len, t.chunking)
     if len(windows) == 0:
         raise UserError("no training sequence has two items; nothing to train on")
@@ -280,7 +285,10 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     rank, world = accelerator.process_index, accelerator.num_processes
     stopping = EarlyStopping(progress, t.patience)
     n_params = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    loss = f"{t.num_negatives} shared negatives" if t.loss == "nce" else f"softmax over {seqs.num_items:,} items"
+    pool = seqs.trainable_items()  # the items a step may use: no held-out new item
+    loss = f"{t.num_negatives} shared negatives" if t.loss == "nce" else f"softmax over {len(pool):,} items"
+    if len(seqs.new_items):
+        loss += f" ({len(seqs.new_items):,} new items held out)"
     say(f"{name}: {len(batches.windows):,} training sequences of up to {t.max_len + 1} items, {len(batches)} "
         f"batches of {t.batch_size} per epoch, {loss}; {run.total_steps} steps, "
         f"{n_params / 1e6:.1f}M trained parameters, {world} process(es)")
@@ -299,8 +307,8 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 torch.manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
                 index = progress["batch"] + micro
                 stamps = batches.timestamps(epoch, index, rank, world) if unwrapped.reads_time else None
-                negatives = sample_negatives(seqs.num_items, run.num_negatives, seed, step, micro) \
-                    if t.loss == "nce" else np.arange(1, seqs.num_items + 1)  # softmax: the whole catalogue
+                negatives = sample_negatives(pool, run.num_negatives, seed, step, micro) \
+                    if t.loss == "nce" else pool  # softmax: the whole catalogue (but new items)
                 batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world), negatives,
                                         rank, world, stamps,
                                         unwrapped.time_precision if unwrapped.time is not None else None,
@@ -332,14 +340,16 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
         progress["wall_seconds"] = progress.get("wall_seconds", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
         if metrics is not None:
-            score = metrics[t.early_stopping_metric]
+            kind, _, name = t.early_stopping_metric.rpartition(":")
+            score = (metrics[kind] if kind else metrics).get(name, float("-inf"))  # a kind without targets: none
             run.log.write({"epoch": epoch, "step": progress["step"], "wall_seconds": round(progress["wall_seconds"], 1),
                            "valid": metrics})
             also = f" {t.early_stopping_metric} {score:.4f}" if t.early_stopping_metric not in ("recall@10",
                                                                                                "ndcg@10") else ""
+            kinds = "".join(f"; {k} targets ({metrics[k]['targets']}) ndcg@10 {metrics[k].get('ndcg@10', 0):.4f}"
+                            for k in ("warm", "new") if k in metrics)
             say(f"epoch {epoch} valid ({metrics['users']} users): recall@10 {metrics['recall@10']:.4f} "
-                f"ndcg@10 {metrics['ndcg@10']:.4f}{also} "
-                f"(popularity {metrics['popularity'][t.early_stopping_metric]:.4f})")
+                f"ndcg@10 {metrics['ndcg@10']:.4f}{also} (popularity {metrics['popularity'][name]:.4f}){kinds}")
         if stopping.improved(score, epoch, progress["step"]):
             if accelerator.is_main_process:
                 save_best(unwrapped, run_dir / "best")

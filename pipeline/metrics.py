@@ -90,3 +90,12 @@ def per_user_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> di
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> dict[str, float]:
     """{'recall@K': ..., 'ndcg@K': ...} averaged over users."""
     return {key: float(values.mean()) if len(ranks) else 0.0 for key, values in per_user_metrics(ranks, ks).items()}
+
+
+def metrics_by_target_kind(ranks: np.ndarray, targets: np.ndarray, new_items: np.ndarray,
+                           ks: Sequence[int] = (10, 50, 200)) -> dict[str, dict]:
+    """Metrics of the warm targets and of the new-item targets (items held out of training) apart, with their
+    counts; a kind without targets has no metrics."""
+    is_new = np.isin(targets, new_items)
+    return {kind: {"targets": int(rows.sum()), **(metrics_from_ranks(ranks[rows], ks) if rows.any() else {})}
+            for kind, rows in (("warm", ~is_new), ("new", is_new))}

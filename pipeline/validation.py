@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from pipeline.batches import user_vectors
-from pipeline.data.sequences import UserSequences, eval_examples
-from pipeline.metrics import metrics_from_ranks, popularity_ranks, target_ranks
+from pipeline.data.sequences import UserSequences, eval_examples, training_sequences
+from pipeline.metrics import metrics_by_target_kind, metrics_from_ranks, popularity_ranks, target_ranks
 from pipeline.models.sequence_model import SequenceModel
 
 
@@ -28,7 +28,11 @@ def validate(model: SequenceModel, seqs: UserSequences, max_len: int, n_users: i
     table = model.items.table()  # (N+1, D)
     ranks = target_ranks(user_vectors(model, table, sample, max_len), table.float().cpu(), sample.targets, histories,
                          mode="full")
-    train_counts = np.bincount(seqs.prefix(2).items, minlength=seqs.num_items + 1)
+    train_counts = np.bincount(training_sequences(seqs).items, minlength=seqs.num_items + 1)
     model.train(was_training)
-    return {"users": len(sample), **metrics_from_ranks(ranks, ks),
-            "popularity": metrics_from_ranks(popularity_ranks(train_counts, sample.targets, histories), ks)}
+    result = {"users": len(sample), **metrics_from_ranks(ranks, ks),
+              "popularity": metrics_from_ranks(popularity_ranks(train_counts, sample.targets, histories), ks)}
+    if len(seqs.new_items):  # the new-item split: both kinds, so settings can be chosen for either
+        kinds = metrics_by_target_kind(ranks, sample.targets, seqs.new_items, ks)
+        result.update({kind: values for kind, values in kinds.items()})
+    return result

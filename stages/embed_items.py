@@ -189,6 +189,8 @@ def train(config: EmbedItemsConfig, model: SequenceModel, seqs: UserSequences, l
     identity = {"model": {"item": cfg.to_dict(config.item), "user": cfg.to_dict(config.user)},
                 "interactions": sha256_file(config.data / "interactions.parquet"),
                 "items": sha256_file(config.data / "items.parquet")}
+    if len(seqs.new_items):  # the same interactions with another new-item split are another run
+        identity["new_items"] = fingerprint(seqs.new_items.tolist())
     return loop.train(model, seqs, config.train, run_dir, identity, seed=config.seed, device_name=config.device,
                       resume=config.resume, save_best=lambda m, folder: build.save_model(m, folder, STAGE_META),
                       load_best=build.load_model_weights, name="stage one", log=log,
@@ -205,16 +207,21 @@ def _item_meta(config: EmbedItemsConfig) -> dict:
 
 
 def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, items: pl.DataFrame,
-                    log=print, state=None) -> Path:
+                    log=print, state=None, new_items: np.ndarray | None = None) -> Path:
     """Run the Item LLM over every catalogue item into embeddings/<version>/ (resumable, manifest last). Under a
     multi-process launch (accelerate `state`), each process embeds and writes every num_processes-th shard (a
-    disjoint slice by item_idx) and the main process writes the manifest once all are done."""
+    disjoint slice by item_idx) and the main process writes the manifest once all are done. Held-out `new_items`
+    are left out of the version (`refresh items` adds them, as it adds items that arrive later)."""
     e, m = config.embed, config.item
+    new_items = np.zeros(0, dtype=np.int64) if new_items is None else np.asarray(new_items, dtype=np.int64)
+    items = items.filter(~pl.col("item_idx").is_in(new_items.tolist()))
     model_fp = folder_sha256(RunDir(config.out).item_llm)
     data_fp = hashlib.sha256("".join(items["text_sha256"].to_list()).encode()).hexdigest()
     identity = {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "max_text_tokens": m.max_text_tokens,
                    "pooling": m.pooling, "positions": m.positions, "shard_rows": e.shard_rows, "format": e.format,
                    "dtype": e.dtype}
+    if len(new_items):  # another version than the whole catalogue's
+        identity["held_out_new_items"] = fingerprint(new_items.tolist())
     version = e.version or f"v-{fingerprint(identity)[:12]}"
     root = RunDir(config.out).embeddings / version
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
@@ -229,7 +236,7 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
                 return root
         else:
             writer = ShardWriter(root, e.format, e.dtype, identity, rank=rank)
-            rates = _write_shards(config, item_llm, catalogue, writer, rank, world)
+            rates = _write_shards(config, item_llm, catalogue, writer, rank, world, new_items)
             if state is not None:
                 state.wait_for_everyone()
             manifest = on_main(state, lambda: writer.finish(
@@ -245,8 +252,9 @@ def embed_catalogue(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCata
 
 
 def _write_shards(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalogue, writer: ShardWriter,
-                  rank: int = 0, world: int = 1) -> dict:
-    """This process's shards (every world-th, from rank), writing each while the next one is computed."""
+                  rank: int = 0, world: int = 1, left_out: np.ndarray | None = None) -> dict:
+    """This process's shards (every world-th, from rank), writing each while the next one is computed; items in
+    `left_out` are in none."""
     e, m = config.embed, config.item
     device = next(item_llm.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -256,6 +264,8 @@ def _write_shards(config: EmbedItemsConfig, item_llm, catalogue: TokenizedCatalo
     from tqdm import tqdm
 
     ranges = {k: np.arange(k * e.shard_rows + 1, min((k + 1) * e.shard_rows, n) + 1) for k in mine}
+    if left_out is not None and len(left_out):
+        ranges = {k: np.setdiff1d(idx, left_out) for k, idx in ranges.items()}
     bar = tqdm(total=sum(len(r) for r in ranges.values()), unit="item", desc=f"embedding {writer.root.name}",
                disable=None if rank == 0 else True)
     item_llm.eval()
@@ -326,5 +336,6 @@ def run(config: EmbedItemsConfig, log=print) -> Path:
                             {**STAGE_META, "max_len": config.train.max_len, "trained": config.finetune})
         cfg.save(config, RunDir(config.out).item_llm / "config.yaml")
     state.wait_for_everyone()
-    embed_catalogue(config, item_llm.to(device), catalogue, items, log=log, state=state)  # in slices, all processes
+    embed_catalogue(config, item_llm.to(device), catalogue, items, log=log, state=state,  # in slices, all processes
+                    new_items=seqs.new_items)
     return version_root(config.out)

@@ -25,11 +25,11 @@ import polars as pl
 import torch
 
 from pipeline.batches import user_vectors
-from pipeline.data.sequences import UserSequences, eval_examples
+from pipeline.data.sequences import UserSequences, concat_ranges, eval_examples, training_sequences
 from pipeline.embeddings.store import load_embeddings, read_manifest, version_root
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
-from pipeline.metrics import MISS, metrics_from_ranks
+from pipeline.metrics import MISS, metrics_by_target_kind, metrics_from_ranks
 from pipeline.models import build
 from pipeline.run_dir import RunDir
 from pipeline.runtime import device_of, distributed_state, gather_rows, my_share
@@ -65,8 +65,11 @@ class EvalConfig:
     candidates: Literal["all", "interacted"] = "all"
     """Items ranked: every catalogue item, or only those with at least one interaction in the data (as the
     ID-model benchmarks rank them: e.g. 3,706 of ML-1M's 3,883 movies)."""
-    model: Literal["hllm", "popularity"] = "hllm"
-    """hllm: the User LLM on the cached embeddings; popularity: items by training interactions, for every user."""
+    model: Literal["hllm", "popularity", "content", "popularity-new"] = "hllm"
+    """hllm: the User LLM on the cached embeddings; popularity: items by training interactions, for every user;
+    content: no training, the user vector is the mean of the history's cached embeddings (the last max_len
+    items, 200 by default); popularity-new: the new items of a new-item split only, by their interactions in
+    the evaluation histories (training saw none)."""
     user_llm: Literal["auto", "stage-two", "stage-one"] = "auto"
     """Which User LLM: stage-two (run/user_llm), stage-one (run/user_llm_stage1), auto (stage two if trained)."""
     embeddings: str | None = None
@@ -178,6 +181,11 @@ def format_table(report: dict) -> str:
         if floor:
             row += f"  {floor[f'recall@{k}']:>15.4f}  {floor[f'ndcg@{k}']:>8.4f}"
         lines.append(row)
+    if "targets" in report:  # the new-item split
+        parts = [f"{kind} targets ({report['targets'][kind]:,}): " + ", ".join(
+            f"R@{k} {report[f'metrics_{kind}'][f'recall@{k}']:.4f} N@{k} {report[f'metrics_{kind}'][f'ndcg@{k}']:.4f}"
+            for k in p["k"]) for kind in ("warm", "new") if f"metrics_{kind}" in report]
+        lines += parts
     if "index_recall" in report:
         lines.append("index recall against exact search: " + ", ".join(
             f"@{k} {report['index_recall'][f'recall@{k}']:.4f}" for k in p["k"]))
@@ -188,8 +196,8 @@ def _markdown(report: dict) -> str:
     """The report as Markdown: one row per K with every metric set it holds, then the protocol card."""
     p = report["protocol"]
     sets = dict([("", report["metrics"])] + [(f"{name} ", report[key]) for name, key in (
-        ("popularity", "popularity"), ("exact", "exact_metrics"), ("index recall vs exact", "index_recall"))
-        if key in report])
+        ("warm", "metrics_warm"), ("new-item", "metrics_new"), ("popularity", "popularity"),
+        ("exact", "exact_metrics"), ("index recall vs exact", "index_recall")) if key in report])
     columns = [(label, metric) for label, values in sets.items() for metric in ("recall", "ndcg")
                if f"{metric}@{p['k'][0]}" in values]
     lines = ["| K | " + " | ".join(f"{label}{metric}@K" for label, metric in columns) + " |",
@@ -221,7 +229,7 @@ class Catalogue:
 
 def _catalogue(config: EvalConfig, seqs: UserSequences, examples, data: Path, path: Path | None) -> Catalogue:
     root, cached, n_items, absent = None, None, seqs.num_items, np.zeros(0, dtype=np.int64)
-    if path is not None and "cached" in build.saved_item_source(path):
+    if config.model == "content" or (path is not None and "cached" in build.saved_item_source(path)):
         root = version_root(config.run, config.embeddings)
         loaded = load_embeddings(root)
         cached, n_items = loaded.embeddings, loaded.embeddings.shape[0] - 1
@@ -249,6 +257,10 @@ def _protocol(config: EvalConfig, data: Path, catalogue: Catalogue) -> dict:
                 "ranking": "full catalogue, cosine similarity, ties by item_idx"}
     if catalogue.retired:
         protocol["retired_items"] = catalogue.retired
+    new_split = (json.loads(stats_path.read_text()).get("split", {}).get("new_items") if stats_path.is_file()
+                 else None)
+    if new_split:
+        protocol["new_items"] = {key: new_split[key] for key in ("method", "fraction", "after", "seed", "new_items")}
     if max(config.k) > catalogue.n_items:
         protocol["note"] = f"K above the catalogue size ({catalogue.n_items}): every item fits in the top K"
     return protocol
@@ -280,7 +292,10 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
     queries = normalise(vectors)
     timings["user_vectors_s"] = time.perf_counter() - start
     ids = catalogue.live
-    items = normalise(table[torch.from_numpy(ids)].cpu())  # (N', D)
+    vectors_of_items = table[torch.from_numpy(ids)].cpu()
+    unknown = ~vectors_of_items.any(dim=1).numpy()  # a zero vector (an ID no training saw): never recommended
+    ids, vectors_of_items = ids[~unknown], vectors_of_items[torch.from_numpy(~unknown)]
+    items = normalise(vectors_of_items)  # (N', D)
     if not np.isfinite(items).all():
         raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
     start = time.perf_counter()
@@ -306,6 +321,8 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
         timings["processes"] = state.num_processes
     if not state.is_main_process:  # the main process writes the report
         return None
+    if unknown.any():
+        extra["items_without_vector"] = int(unknown.sum())
     model_card = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})", "user_llm": str(path),
                   "items": build.saved_item_source(path), "fingerprint": folder_sha256(path)[:16],
                   "max_len": max_len, "embeddings_version": root.name if root else None,
@@ -314,17 +331,23 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
 
 
 def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,
-                  timings: dict, started: float) -> dict:
+                  timings: dict, started: float, new_items: np.ndarray) -> dict:
     """reports/eval-<stamp>.json and .md (and the per-user ranks), each written atomically."""
     reports = RunDir(config.run).reports
     stamp = _report_stamp(reports)
     report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
               "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
               "ranks_file": None}
+    if len(new_items):  # the new-item split: warm and new-item targets apart
+        kinds = metrics_by_target_kind(ranks, examples.targets, new_items, config.k)
+        report["targets"] = {kind: values.pop("targets") for kind, values in kinds.items()}
+        report.update({f"metrics_{kind}": values for kind, values in kinds.items() if values})
     if config.per_user_ranks:
         ranks_path = reports / f"ranks-{stamp}.parquet"
         frame = pl.DataFrame({"user_idx": examples.users, "target_item_idx": examples.targets, "rank": ranks,
                               "history_length": np.diff(examples.history_offsets), "masked_items": masked.counts})
+        if len(new_items):
+            frame = frame.with_columns(pl.Series("target_is_new", np.isin(examples.targets, new_items)))
         frame = frame.with_columns(pl.when(pl.col("rank") == MISS).then(None).otherwise(pl.col("rank")).alias("rank"))
         with atomic_path(ranks_path) as tmp:
             frame.write_parquet(tmp)
@@ -336,6 +359,42 @@ def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Maske
     write_text_atomic(reports / f"eval-{stamp}.md", _markdown(report))
     report["report_file"] = str(reports / f"eval-{stamp}.json")
     return report
+
+
+def _rank_without_training(config: EvalConfig, seqs: UserSequences, examples, catalogue: Catalogue,
+                           floor_ranks: np.ndarray, log=print) -> tuple[np.ndarray, dict, dict]:
+    """The baselines that need no trained model: each user's target rank, the model card and the index card."""
+    exact = {"type": "exact", "backend": "numpy"}
+    if config.model == "popularity":
+        return floor_ranks, {"name": "popularity", "counts": "training interactions (the split's training part)"}, \
+            {**exact, "description": "items by training count (exact)"}
+    if config.model == "popularity-new":
+        if not len(seqs.new_items):
+            raise UserError("model=popularity-new ranks the new items of a new-item split, and this data has none "
+                            "(data prepare new_item_fraction=...)")
+        counts = np.bincount(examples.history_items, minlength=catalogue.n_items + 1)
+        search = PopularitySearch(counts, np.intersect1d(catalogue.live, seqs.new_items))
+        ranks = ranks_in_topk(masked_topk(search, np.zeros((len(examples), 1), np.float32), catalogue.masked,
+                                          max(config.k), config.batch_size)[1], examples.targets)
+        return ranks, {"name": "popularity among new items", "counts": "interactions in the evaluation histories"}, \
+            {**exact, "description": "new items by their count in the evaluation histories (exact)"}
+    # content: the mean of the history's normalised embeddings against every item's, no training at all
+    max_len = config.max_len or 200
+    table = torch.nn.functional.normalize(catalogue.cached.float(), dim=-1)  # (N+1, D), row 0 and absent rows 0
+    lengths = np.minimum(np.diff(examples.history_offsets), max_len)
+    last = np.repeat(examples.history_offsets[1:] - lengths, lengths) + concat_ranges(lengths)
+    owner = torch.from_numpy(np.repeat(np.arange(len(examples)), lengths))
+    history = torch.from_numpy(examples.history_items[last].astype(np.int64))
+    sums = torch.zeros(len(examples), table.shape[1]).index_add_(0, owner, table[history])
+    queries = normalise(sums)
+    ids = catalogue.live
+    searcher, index_card = make_searcher(config, normalise(table[torch.from_numpy(ids)]),
+                                         catalogue.root / "index", device_of(config.device), log=log, ids=ids)
+    ranks = ranks_in_topk(masked_topk(searcher, queries, catalogue.masked, max(config.k), config.batch_size)[1],
+                          examples.targets)
+    card = {"name": "content (mean of the history's item embeddings)", "max_len": max_len,
+            "embeddings_version": catalogue.root.name}
+    return ranks, card, index_card
 
 
 def run(config: EvalConfig, log=print) -> dict | None:
@@ -352,19 +411,20 @@ def run(config: EvalConfig, log=print) -> dict | None:
     if len(examples) == 0:
         need = 2 if config.split == "test" else 3
         raise UserError(f"{data}: no user has a {config.split} target (a user needs {need} or more interactions)")
-    path = RunDir(config.run).trained_user_llm(config.user_llm) if config.model != "popularity" else None
+    path = RunDir(config.run).trained_user_llm(config.user_llm) if config.model == "hllm" else None
     catalogue = _catalogue(config, seqs, examples, data, path)
     protocol = _protocol(config, data, catalogue)
-    # the popularity floor on the same users: training counts (leave-one-out train part), history masked alike
-    popularity = PopularitySearch(np.bincount(seqs.prefix(2).items, minlength=catalogue.n_items + 1), catalogue.live)
+    # the popularity floor on the same users: training counts (the split's training part), history masked alike
+    popularity = PopularitySearch(np.bincount(training_sequences(seqs).items, minlength=catalogue.n_items + 1),
+                                  catalogue.live)
     floor_ranks = ranks_in_topk(masked_topk(popularity, np.zeros((len(examples), 1), np.float32), catalogue.masked,
                                             max(config.k), config.batch_size)[1], examples.targets)
-    if config.model == "popularity":
+    if config.model in ("popularity", "popularity-new", "content"):
         if not state.is_main_process:  # every process could rank them all; the main one reports
             return None
-        ranks, extra = floor_ranks, {}
-        protocol["model"] = {"name": "popularity", "counts": "training interactions (leave-one-out train part)"}
-        protocol["index"] = {"type": "exact", "backend": "numpy", "description": "items by training count (exact)"}
+        ranks, protocol["model"], protocol["index"] = _rank_without_training(config, seqs, examples, catalogue,
+                                                                           floor_ranks, log)
+        extra = {"popularity": metrics_from_ranks(floor_ranks, config.k)} if config.model != "popularity" else {}
     else:
         ranked = _rank_with_user_llm(config, path, catalogue, examples, data, state, timings, started, log=log)
         if ranked is None:
@@ -373,4 +433,5 @@ def run(config: EvalConfig, log=print) -> dict | None:
         if protocol["index"]["type"] == "approximate":
             protocol["ranking"] += "; approximate index: see index_recall and exact_metrics"
         extra["popularity"] = metrics_from_ranks(floor_ranks, config.k)  # the floor, same users
-    return _write_report(config, examples, ranks, catalogue.masked, protocol, extra, timings, started)
+    return _write_report(config, examples, ranks, catalogue.masked, protocol, extra, timings, started,
+                         seqs.new_items)

@@ -1,7 +1,8 @@
 """Stage `data prepare`: raw recommendation data -> the canonical tables (docs/data.md: "Output: the canonical tables").
 
 Writes, into `out` (replaced as a whole, atomically):
-  items.parquet, interactions.parquet, users.parquet, rejected.parquet, stats.json, config.yaml
+  items.parquet, interactions.parquet, users.parquet, rejected.parquet, stats.json, config.yaml, and with a
+  new-item split new_items.parquet (item_idx, item_id of the items held out of training)
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pipeline import __version__
 from pipeline import config as cfg
 from pipeline.data import readers
 from pipeline.data.canonical import CanonicalCounts, CanonicalRules, build_canonical
-from pipeline.data.sequences import UserSequences, eval_examples, training_sequences
+from pipeline.data.new_items import NewItemSplit, choose_new_items, split_summary
+from pipeline.data.readers import REJECTED_SCHEMA
+from pipeline.data.sequences import NEW_ITEMS, UserSequences, eval_examples, training_sequences
 from pipeline.data.text import DEFAULT_ITEM_PROMPT, DEFAULT_TEXT_KEYS
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir, sha256_file, write_json_atomic
@@ -64,8 +67,20 @@ class PrepareConfig:
     amazon-books (false: the paper's item count covers items with interactions only)."""
     strict: bool = False
     """Stop at the first unusable row with an error naming it, instead of rejecting it into rejected.parquet."""
+    new_item_fraction: float | None = None
+    """The new-item split: this share of the items with interactions (in (0, 1), drawn within popularity strata)
+    is held out of training entirely (new_items.parquet); their interactions stay as validation/test targets and
+    in evaluation histories. null: no split."""
+    new_items_after: str | None = None
+    """The temporal new-item split: items first seen after this date (YYYY-MM-DD, UTC, or unix seconds) are new."""
+    new_item_seed: int = 0
+    """Seed of the new-item draw."""
+
+    def new_item_split(self) -> NewItemSplit:
+        return NewItemSplit(self.new_item_fraction, self.new_items_after, self.new_item_seed)
 
     def __post_init__(self) -> None:
+        self.new_item_split()  # a setting that cannot work is refused before anything is read
         if self.min_user_interactions < 3:
             raise ConfigError(f"min_user_interactions={self.min_user_interactions}: must be >= 3 (leave-one-out "
                               "needs a training, a validation and a test item)")
@@ -145,11 +160,38 @@ def run(config: PrepareConfig, log=print) -> Path:
         raw = _read(config, workdir, log)
         rules = config.rules(raw.text_fields)
         counts = build_canonical(raw, rules, workdir, out)
+        held_out = _hold_out_new_items(config, out, raw.interactions_file)
         stats = _stats(config, rules, raw, counts, _rows_read(raw), out, time.perf_counter() - start)
+        if held_out is not None:
+            stats["split"]["new_items"] = held_out
+            stats["rejected_rows"] += held_out["users_without_training_items"]
         cfg.save(config, out / "config.yaml")
         write_json_atomic(out / "stats.json", stats)
     log(summary(stats, config.out))
     return config.out
+
+
+def _hold_out_new_items(config: PrepareConfig, out: Path, interactions_file: str) -> dict | None:
+    """Write new_items.parquet (the held-out items) and add the users the split leaves without a training item to
+    rejected.parquet (they keep their validation and test targets); returns the split's counts."""
+    split = config.new_item_split()
+    if not split.active:
+        return None
+    seqs = UserSequences.load(out)
+    new = choose_new_items(seqs, split)
+    items = pl.read_parquet(out / "items.parquet", columns=["item_idx", "item_id"])
+    items.filter(pl.col("item_idx").is_in(new.tolist())).write_parquet(out / NEW_ITEMS)
+    users = pl.read_parquet(out / "users.parquet", columns=["user_idx", "user_id"]).sort("user_idx")
+    summary, stranded = split_summary(UserSequences.load(out), users["user_id"])
+    if stranded.height:
+        rows = stranded.select(pl.lit("users").alias("table"), pl.lit(interactions_file).alias("file"),
+                               pl.lit(None, dtype=pl.Int64).alias("row"), pl.lit("user_id").alias("column"),
+                               pl.col("user_id").alias("value"),
+                               pl.lit("no_training_item_after_new_item_split").alias("reason"))
+        rejected = pl.concat([pl.read_parquet(out / "rejected.parquet"), rows.cast(REJECTED_SCHEMA)])
+        rejected.write_parquet(out / "rejected.parquet")
+    return {"method": "fraction" if split.fraction is not None else "first seen after a date",
+            **cfg.to_dict(split), **summary}
 
 
 def _stats(config: PrepareConfig, rules: CanonicalRules, raw: readers.RawTables, counts: CanonicalCounts,
@@ -203,4 +245,10 @@ def summary(stats: dict, out: Path) -> str:
         reasons = ", ".join(f"{k} {v:,}" for k, v in info["rejected_by_reason"].items()) or "none rejected"
         lines.append(f"  {table} ({info['file']}): {info['rows_read']:,} rows read, {info['rows_used']:,} used "
                      f"({reasons})")
+    new = stats["split"].get("new_items")
+    if new:
+        lines.append(f"  new-item split: {new['new_items']:,} items held out of training ({new['method']}), "
+                     f"{new['new_item_targets']['test']:,} new-item test targets and "
+                     f"{new['warm_targets']['test']:,} warm ones; {new['users_without_training_items']:,} users left "
+                     "without a training item (in rejected.parquet, still evaluated)")
     return "\n".join(lines)

@@ -25,7 +25,8 @@ from pipeline.io import atomic_path, write_text_atomic
 from pipeline.metrics import MISS, per_user_metrics
 from pipeline.run_dir import RunDir
 
-PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking")
+PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking",
+                 "new_items")
 """What must be equal for two runs' numbers to share a table (K may differ: a missing K is an empty cell)."""
 
 
@@ -55,7 +56,8 @@ def protocol_key(report: dict) -> tuple:
     p = dict(report["protocol"])
     p.setdefault("candidates", "all")  # reports older than the candidate setting ranked every item
     p.setdefault("candidate_items", p.get("items"))
-    return tuple((k, p.get(k)) for k in PROTOCOL_KEYS) + (("search", p.get("index", {}).get("type")),)
+    hashable = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in p.items()}
+    return tuple((k, hashable.get(k)) for k in PROTOCOL_KEYS) + (("search", p.get("index", {}).get("type")),)
 
 
 def model_key(report: dict) -> tuple:
@@ -163,27 +165,48 @@ def _table(entries: list[Entry], curves: dict[Path, Curve], base: Path) -> list[
     return lines
 
 
+def _kind_table(entries: list[Entry]) -> list[str]:
+    """The new-item split: each model's metrics on the warm and on the new-item targets apart."""
+    ks = _ks(entries)
+    counts = next(e.report["targets"] for e in entries if "targets" in e.report)
+    head = ["run", "model"] + [f"{kind} {metric}@{k}" for kind in ("warm", "new") for metric in ("Recall", "NDCG")
+                               for k in ks]
+    lines = [f"By target kind: {counts['warm']:,} warm targets (items every model trained on), {counts['new']:,} "
+             "new-item targets (items no model trained on; ID models cannot recommend them).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [_cell(e.report.get(f"metrics_{kind}", {}), f"{metric}@{k}") for kind in ("warm", "new")
+                 for metric in ("recall", "ndcg") for k in ks]
+        lines.append("| " + " | ".join([e.run, e.report["protocol"].get("model", {}).get("name", "?")] + cells) + " |")
+    return lines
+
+
 def ranks_path(report_path: Path) -> Path:
     """Where eval wrote the per-user ranks of a report (eval-X.json -> ranks-X.parquet, same folder)."""
     return report_path.with_name("ranks-" + report_path.name.removeprefix("eval-")).with_suffix(".parquet")
 
 
-def _ranked_users(ranks_file: Path, ks: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(user_idx, target_item_idx) pairs in user order, and each metric per user (a missing rank: a miss)."""
+def _ranked_users(ranks_file: Path, ks: list[int], new_only: bool = False
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(user_idx, target_item_idx) pairs in user order, and each metric per user (a missing rank: a miss);
+    `new_only`: the users whose target is a new item."""
     import polars as pl
 
-    table = pl.read_parquet(ranks_file, columns=["user_idx", "target_item_idx", "rank"]).sort("user_idx")
+    table = pl.read_parquet(ranks_file).sort("user_idx")
+    if new_only:
+        table = table.filter(pl.col("target_is_new")) if "target_is_new" in table.columns else table.clear()
     ranks = table["rank"].fill_null(MISS).to_numpy()
     return table.select("user_idx", "target_item_idx").to_numpy(), per_user_metrics(ranks, ks)
 
 
-def paired_differences(entry: Entry, baseline: Entry, ks: list[int]) -> dict[str, tuple[float, float]] | None:
+def paired_differences(entry: Entry, baseline: Entry, ks: list[int], new_only: bool = False
+                       ) -> dict[str, tuple[float, float]] | None:
     """metric -> (mean per-user difference entry - baseline, its standard error); None unless both reports have
-    their per-user ranks over the same users and targets."""
+    their per-user ranks over the same users and targets. `new_only`: over the new-item targets."""
     paths = [ranks_path(entry.path), ranks_path(baseline.path)]
     if not all(path.is_file() for path in paths):
         return None
-    (pairs, ours), (base_pairs, theirs) = (_ranked_users(path, ks) for path in paths)
+    (pairs, ours), (base_pairs, theirs) = (_ranked_users(path, ks, new_only) for path in paths)
     if not np.array_equal(pairs, base_pairs) or len(pairs) < 2:
         return None
     out = {}
@@ -193,18 +216,19 @@ def paired_differences(entry: Entry, baseline: Entry, ks: list[int]) -> dict[str
     return out
 
 
-def _paired_table(entries: list[Entry], baseline: Entry) -> list[str]:
+def _paired_table(entries: list[Entry], baseline: Entry, new_only: bool = False) -> list[str]:
     ks = _ks(entries)
     keys = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
     head = ["run", "model"] + [f"Δ {key.replace('recall', 'Recall').replace('ndcg', 'NDCG')}" for key in keys]
-    lines = [f"Paired against {baseline.run} ({baseline.report['protocol'].get('model', {}).get('name', '?')}): "
-             "the mean of the per-user differences on the same users and targets ± its standard error; a gap "
-             "within about two standard errors is not one.", "",
+    which = "the new-item targets" if new_only else "the same users and targets"
+    lines = [f"Paired against {baseline.run} ({baseline.report['protocol'].get('model', {}).get('name', '?')}) on "
+             f"{which}: the mean of the per-user differences ± its standard error; a gap within about two standard "
+             "errors is not one.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         if e is baseline or e.report["protocol"].get("model", {}).get("name") == "popularity":
             continue
-        diffs = paired_differences(e, baseline, ks)
+        diffs = paired_differences(e, baseline, ks, new_only)
         cells = [f"{diffs[key][0]:+.4f} ± {diffs[key][1]:.4f}" for key in keys] if diffs else \
             ["no per-user ranks on the same users"] + [""] * (len(keys) - 1)
         lines.append("| " + " | ".join([e.run, e.report["protocol"].get("model", {}).get("name", "?")] + cells) + " |")
@@ -309,9 +333,13 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
         _plot_metrics(group, plot)
         lines += ["", f"## Protocol {n}" if len(ordered) > 1 else "## Results", ""]
         lines += _table(group, by_run, base)
+        if any("targets" in e.report for e in group):
+            lines += [""] + _kind_table(group)
         reference = _baseline_of(group, baseline)
         if reference is not None:
             lines += [""] + _paired_table(group, reference)
+            if "targets" in reference.report:
+                lines += [""] + _paired_table(group, reference, new_only=True)
         lines += ["", f"![metrics at each K]({plot.name})", "", "Protocol card:", ""] + _card(group[0].report)
     if curves:
         plot = out.with_name(f"{out.stem}-validation.png")

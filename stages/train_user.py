@@ -20,7 +20,7 @@ from pipeline import loop
 from pipeline.data.sequences import UserSequences
 from pipeline.embeddings.store import load_embeddings, read_manifest, version_root
 from pipeline.errors import ConfigError, UserError
-from pipeline.io import sha256_file
+from pipeline.io import fingerprint, sha256_file
 from pipeline.loop import LoopConfig
 from pipeline.models import build
 from pipeline.models.build import UserModelConfig
@@ -45,6 +45,14 @@ class TrainUserConfig:
     id_width: int | None = None
     """items=cached+id: numbers per item in the ID table. null: as many as the cached embeddings have (e.g. 384);
     fewer (e.g. the User LLM's width) through one learned map up to the cached width: fewer weights per item."""
+    id_dropout: float = 0.0
+    """items=id or cached+id: the probability that training replaces an item's ID by one shared learned
+    "unknown" row (per step); scoring gives that row to IDs no training saw (new items), so a text + ID model
+    learns to rely on the text where the ID is unknown. 0: off."""
+    id_max_norm: float | None = None
+    """items=cached+id: the longest an item's ID vector may be (in the cached embeddings' units; they have length
+    1): each item is its frozen text embedding plus a learned offset of at most this length, 0 for a new item.
+    null: unbounded."""
     adapter: bool = False
     """A small trainable residual MLP on the cached embeddings (inputs, targets and negatives)."""
     user: UserModelConfig = UserModelConfig(init="stage-one")
@@ -60,6 +68,12 @@ class TrainUserConfig:
     """Continue from stage2/state.pt when it exists and was made with the same settings."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.id_dropout < 1 or (self.id_dropout and "id" not in self.items):
+            raise ConfigError(f"id_dropout={self.id_dropout}: a probability in [0, 1) for items=id or cached+id "
+                              f"(items={self.items}); 0 turns it off")
+        if self.id_max_norm is not None and (self.items != "cached+id" or self.id_max_norm <= 0):
+            raise ConfigError(f"id_max_norm={self.id_max_norm}: a positive length for items=cached+id "
+                              f"(items={self.items}); null: unbounded")
         if self.id_width is not None and (self.items != "cached+id" or self.id_width < 1):
             raise ConfigError(f"id_width={self.id_width}: a positive width for items=cached+id (items={self.items}); "
                               "set id_width=null otherwise")
@@ -77,7 +91,8 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     num_items = num_items if num_items is not None else table.shape[0] - 1
     stage_one = RunDir(config.run).user_llm_stage1
     user_llm = build.user_llm_from(config.user, stage_one, log=log)
-    items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width)
+    items = build.item_source(config.items, table, num_items, user_llm.dim, config.adapter, id_width=config.id_width,
+                              id_dropout=config.id_dropout, id_max_norm=config.id_max_norm)
     model = build.sequence_model(items, user_llm, config.user)
     if config.user.init == "stage-one":
         build.load_user_head(model, stage_one, partial=True)
@@ -99,15 +114,21 @@ def run(config: TrainUserConfig, log=print) -> Path:
     torch.manual_seed(config.seed)
     device = device_of(config.device)
     model = build_model(config, table, seqs.num_items, log=log).to(device)
+    build.zero_item_id_rows(model, seqs.new_items)  # held-out new items: no ID row is ever learned
     run_dir = RunDir(config.run).stage2
     run_dir.mkdir(parents=True, exist_ok=True)
     state = distributed_state(device)
     model_identity = {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items}
     if config.id_width is not None:  # only where set: runs made before the setting existed still resume
         model_identity["id_width"] = config.id_width
+    for name in ("id_dropout", "id_max_norm"):  # only where set, as id_width
+        if getattr(config, name):
+            model_identity[name] = getattr(config, name)
     identity = {"model": model_identity,
                 "embeddings": read_manifest(root)["shards"] if root else None,
                 "interactions": sha256_file(config.data / "interactions.parquet")}
+    if len(seqs.new_items):  # the same interactions with another new-item split are another run
+        identity["new_items"] = fingerprint(seqs.new_items.tolist())
     meta = {"source": "stage two", "model": "hllm" if root else config.user.name,
             "embeddings": str(root) if root else None, "init": config.user.init,
             "max_len": config.train.max_len}

@@ -54,7 +54,7 @@ def item_llm_and_catalogue(planted, kind: str, pooling: str, train_layers: int |
 def first_batch(planted, source, seed: int = 0):
     seqs = UserSequences.load(planted["data"])
     batches = SequenceBatches(training_windows(seqs, 5, "chunks"), 16, seed)
-    negatives = sample_negatives(seqs.num_items, 16, seed, 0, 0)
+    negatives = sample_negatives(seqs.trainable_items(), 16, seed, 0, 0)
     return make_step_batch(source, batches.item_ids(0, 0), negatives, 0, 1)
 
 

@@ -3,12 +3,16 @@
 Split, as the official code: per user, the last item is the test target, the second to last the validation
 target, everything before is training. The history of an evaluation example is every item before its target
 (so the test history includes the validation item).
+
+New items (`data prepare` with a new-item split, data/new_items.parquet): every interaction with them leaves the
+training part, so no training sequence, negative or popularity count sees them; evaluation keeps them as targets
+and in histories, as items that arrived after training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +36,8 @@ class UserSequences:
     """(M,) int64 seconds."""
     num_items: int
     """Catalogue size N (item_idx runs 1..N; 0 is padding)."""
+    new_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    """(K,) sorted item_idx held out as new: training never sees them."""
 
     @property
     def num_users(self) -> int:
@@ -40,6 +46,10 @@ class UserSequences:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def trainable_items(self) -> np.ndarray:
+        """item_idx a training step may use (targets, negatives, a softmax's catalogue): 1..N but the new items."""
+        return np.setdiff1d(np.arange(1, self.num_items + 1, dtype=np.int64), self.new_items)
 
     def user(self, user_idx: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[user_idx], self.offsets[user_idx + 1]
@@ -66,7 +76,11 @@ class UserSequences:
         num_items = pl.scan_parquet(data_dir / "items.parquet").select(pl.col("item_idx").max()).collect().item()
         interactions = pl.read_parquet(data_dir / "interactions.parquet",
                                        columns=["user_idx", "item_idx", "timestamp"])
-        return cls.from_frame(interactions, int(num_items))
+        seqs = cls.from_frame(interactions, int(num_items))
+        if (data_dir / NEW_ITEMS).is_file():
+            new = np.sort(pl.read_parquet(data_dir / NEW_ITEMS, columns=["item_idx"])["item_idx"].to_numpy())
+            seqs = UserSequences(seqs.offsets, seqs.items, seqs.timestamps, seqs.num_items, new.astype(np.int32))
+        return seqs
 
     def prefix(self, drop_last: int) -> UserSequences:
         """Every user's sequence without its last `drop_last` items (users keep their index, possibly empty)."""
@@ -74,7 +88,16 @@ class UserSequences:
         keep = np.repeat(self.offsets[:-1], lengths) + concat_ranges(lengths)
         offsets = np.zeros_like(self.offsets)
         np.cumsum(lengths, out=offsets[1:])
-        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items)
+        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items)
+
+    def without(self, items: np.ndarray) -> UserSequences:
+        """Every user's sequence without the interactions with `items` (users keep their index, possibly empty)."""
+        keep = ~np.isin(self.items, items)
+        owner = np.repeat(np.arange(self.num_users), self.lengths)
+        lengths = np.bincount(owner[keep], minlength=self.num_users)
+        offsets = np.zeros_like(self.offsets)
+        np.cumsum(lengths, out=offsets[1:])
+        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items)
 
 
 def concat_ranges(lengths: np.ndarray) -> np.ndarray:
@@ -86,9 +109,13 @@ def concat_ranges(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
 
 
+NEW_ITEMS = "new_items.parquet"
+
+
 def training_sequences(seqs: UserSequences) -> UserSequences:
-    """The training part of the leave-one-out split: every item but each user's last two."""
-    return seqs.prefix(2)
+    """The training part of the split: every item but each user's last two, and none of the new items."""
+    train = seqs.prefix(2)
+    return train.without(seqs.new_items) if len(seqs.new_items) else train
 
 
 @dataclass(frozen=True)

@@ -264,15 +264,16 @@ ITEM_SOURCES = ("cached", "id", "cached+id")
 
 
 def item_source(kind: str, table: torch.Tensor | None, num_items: int, id_dim: int, adapter: bool = False,
-                id_scale: float | None = None, id_width: int | None = None) -> ItemSource:
+                id_scale: float | None = None, id_width: int | None = None, id_dropout: float = 0.0,
+                id_max_norm: float | None = None) -> ItemSource:
     """The item source `kind` names (one of ITEM_SOURCES); an ID-only table is `id_dim` wide, an ID table
     summed with the cached one as wide as it (through a learned map from `id_width` numbers per item, where given),
     and scaled to start at the cached vectors' per-dimension spread (`id_scale`: that factor; None computes it,
-    for a new model)."""
+    for a new model). `id_dropout`, `id_max_norm`: IdItems' item-ID dropout and bound on an item's ID vector."""
     if kind not in ITEM_SOURCES:
         raise ConfigError(f"items={kind}: use one of {', '.join(ITEM_SOURCES)}")
     if kind == "id":
-        return IdItems(num_items, id_dim)
+        return IdItems(num_items, id_dim, dropout=id_dropout, max_norm=id_max_norm)
     if table is None:
         raise UserError(f"items={kind} reads cached item embeddings, and none were given")
     cached = CachedItems(table, adapter)
@@ -280,7 +281,7 @@ def item_source(kind: str, table: torch.Tensor | None, num_items: int, id_dim: i
         return cached
     if id_scale is None:
         id_scale = float(table[1:].float().std()) / 0.02
-    return SumItems(cached, IdItems(num_items, cached.dim, id_scale, id_width))
+    return SumItems(cached, IdItems(num_items, cached.dim, id_scale, id_width, id_dropout, id_max_norm))
 
 
 def source_name(items: ItemSource) -> str:
@@ -310,6 +311,8 @@ def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
                      "projection": model.project_in is not None, "scale_inputs": model.input_scale != 1.0,
                      "id_scale": next((m.scale for m in model.items.modules() if isinstance(m, IdItems)), None),
                      "id_width": next((m.width for m in model.items.modules() if isinstance(m, IdItems)), None),
+                     "id_dropout": next((m.dropout for m in model.items.modules() if isinstance(m, IdItems)), 0.0),
+                     "id_max_norm": next((m.max_norm for m in model.items.modules() if isinstance(m, IdItems)), None),
                      "logit_scale": model.logit_scale.item()}
         (out / "user_llm.json").write_text(json.dumps({**meta, **described}, indent=2))
 
@@ -318,6 +321,17 @@ def _item_id_tables(model: SequenceModel) -> set[str]:
     """Names of the item-ID tables: the only head weights whose row count follows the catalogue."""
     names = {f"{name}.embedding.weight" for name, m in model.named_modules() if isinstance(m, IdItems)}
     return names | ({"item_ids.weight"} if model.item_ids is not None else set())
+
+
+def zero_item_id_rows(model: SequenceModel, item_idx) -> None:
+    """Set the rows of `item_idx` to zero in every item-ID table: items held out of training stay unknown (a row
+    that gets no gradient keeps its value, and AdamW's decay keeps a zero at zero), so an ID model never
+    recommends them and a text + ID model scores them by their text alone."""
+    own = model.state_dict()
+    index = torch.as_tensor(item_idx, dtype=torch.long)
+    with torch.no_grad():
+        for key in _item_id_tables(model):
+            own[key][index] = 0
 
 
 def load_user_head(model: SequenceModel, path: Path, partial: bool = False) -> None:
@@ -393,7 +407,8 @@ def load_user_model(path: Path, table: torch.Tensor | None) -> tuple[SequenceMod
                         "dimensions; evaluate it with the embeddings it was trained on (embeddings=<version>)")
     num_items = table.shape[0] - 1 if table is not None else int(meta["num_items"])
     items = item_source(kind, table, num_items, user_llm.dim, meta.get("adapter", False),
-                        meta.get("id_scale") or 1.0, meta.get("id_width"))  # older folders: unscaled IDs
+                        meta.get("id_scale") or 1.0, meta.get("id_width"),  # older folders: unscaled IDs
+                        meta.get("id_dropout", 0.0), meta.get("id_max_norm"))
     model = SequenceModel(items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
                           meta.get("time_precision", "second"), projection=projection,
                           scale_inputs=meta.get("scale_inputs", False))

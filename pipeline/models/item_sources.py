@@ -163,27 +163,48 @@ class IdItems(ItemSource):
     stay small, so AdamW changes them as fast (relative to their size) as in an ID-only model.
 
     `width` narrower than `dim` factorises the table: (N+1, width) rows times a learned (width -> dim) map, so each
-    item has `width` free numbers instead of `dim` (a text model's width, e.g. 384)."""
+    item has `width` free numbers instead of `dim` (a text model's width, e.g. 384).
+
+    An ID no training saw has a zero row (items held out as new, items a refresh added). With `dropout` p > 0,
+    training replaces each of a step's IDs by one shared learned `unknown` row with probability p, and scoring
+    gives that row to every zero-row ID: a text + ID model learns what to do when the ID says nothing.
+
+    `max_norm` bounds each item's output (after the map and the scale) to that length: summed with frozen text
+    embeddings it is a bounded learned offset from each item's text, 0 for an ID no training saw."""
 
     kind = "ID"
 
-    def __init__(self, num_items: int, dim: int, scale: float = 1.0, width: int | None = None) -> None:
+    def __init__(self, num_items: int, dim: int, scale: float = 1.0, width: int | None = None,
+                 dropout: float = 0.0, max_norm: float | None = None) -> None:
         super().__init__()
         width = width or dim
         self.embedding = nn.Embedding(num_items + 1, width, padding_idx=0)
         nn.init.normal_(self.embedding.weight, std=0.02)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
+        self.dropout = dropout
+        self.unknown = nn.Parameter(torch.randn(width) * 0.02) if dropout > 0 else None  # (width,)
         # std 1/sqrt(width) keeps the rows' per-dimension spread (0.02) through the map
         self.widen = nn.Linear(width, dim, bias=False) if width != dim else None
         if self.widen is not None:
             nn.init.normal_(self.widen.weight, std=width ** -0.5)
         self.dim, self.num_items, self.scale, self.width = dim, num_items, scale, width
+        self.max_norm = max_norm
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        out = self.embedding(inputs["ids"])  # (U, width)
+        ids = inputs["ids"]  # (U,)
+        out = self.embedding(ids)  # (U, width)
+        if self.unknown is not None:
+            if self.training:  # drawn from the loop's per-step seed: the same after a resume
+                unknown = (torch.rand(ids.shape, device=ids.device) < self.dropout) & (ids > 0)
+            else:
+                unknown = (ids > 0) & ~out.detach().any(dim=-1)  # an ID no training saw
+            out = torch.where(unknown[:, None], self.unknown.expand_as(out), out)
         out = self.widen(out) if self.widen is not None else out  # (U, D)
-        return out * self.scale if self.scale != 1.0 else out
+        out = out * self.scale if self.scale != 1.0 else out
+        if self.max_norm is not None:  # shrink rows longer than max_norm onto that sphere (differentiably)
+            out = out * (self.max_norm / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return out
 
 
 class SumItems(ItemSource):

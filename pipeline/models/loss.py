@@ -59,8 +59,9 @@ def _nce_loss(user_out, targets, target_ids, negatives, negative_ids, logit_scal
 def softmax_loss(user_out: torch.Tensor, target_ids: torch.Tensor, catalogue: torch.Tensor,
                  logit_scale: torch.Tensor) -> NCEOutput:
     """Full cross-entropy over the catalogue: user_out (P, D), target_ids (P,) in 1..N, catalogue (N, D) the
-    embeddings of items 1..N in order. The same loss as nce_loss with every item a negative (the target's own
-    copy masked), computed without the (P, 1 + N) concatenation and mask: one matmul and one cross-entropy."""
+    embeddings of items 1..N in order (or of any N items, target_ids then being each target's row + 1). The same
+    loss as nce_loss with every item a negative (the target's own copy masked), computed without the (P, 1 + N)
+    concatenation and mask: one matmul and one cross-entropy."""
     with torch.autocast(user_out.device.type, enabled=False):
         return _softmax_loss(user_out, target_ids, catalogue, logit_scale)
 

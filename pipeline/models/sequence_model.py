@@ -145,12 +145,14 @@ class SequenceModel(nn.Module):
         else:
             negatives = gather_rows(rows, batch.neg_index)  # (k, D_item) this process's negatives
         if batch.full_catalogue and not self.items.negatives_from_table:
-            # negatives = items 1..N in order: plain cross-entropy, the fast way (the targets' own rows are the
-            # positives, which a table's stale rows must not be)
+            # negatives = the trainable catalogue in item_idx order (1..N, or without held-out new items): plain
+            # cross-entropy, the fast way (the targets' own rows are the positives, which a table's stale rows
+            # must not be); a target's class is its row in that catalogue
+            target_rows = torch.searchsorted(batch.negative_ids, valid_target_ids) + 1  # (P,) in 1..N'
             if self.project_out is not None:
-                return projected_softmax_loss(hidden[valid], self.project_out, valid_target_ids, negatives,
+                return projected_softmax_loss(hidden[valid], self.project_out, target_rows, negatives,
                                               self.logit_scale)
-            return softmax_loss(hidden[valid], valid_target_ids, negatives, self.logit_scale)
+            return softmax_loss(hidden[valid], target_rows, negatives, self.logit_scale)
         out = self.outputs(hidden)  # (B, L, D_item)
         targets = gather_rows(rows, batch.seq_index[:, 1:][valid])  # (P, D_item)
         if gather is not None and self.items.shard_negatives:
