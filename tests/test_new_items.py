@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from conftest import make_tiny_item_model, quiet, run_cli, write
 
 from pipeline import config as cfg
 from pipeline import loop
 from pipeline.data.sequences import UserSequences, training_sequences
 from pipeline.embeddings import store
+from pipeline.errors import ConfigError
 from pipeline.metrics import MISS, metrics_from_ranks
 from pipeline.models import build
 from stages import embed_items as stage_one
@@ -182,3 +184,45 @@ def test_users_the_split_leaves_without_a_training_item_are_rejected_with_a_reas
     assert stats["split"]["new_items"]["users_without_training_items"] == 1 and stats["rejected_rows"] == 1
     seqs = UserSequences.load(tmp_path / "data")
     assert len(seqs.new_items) == 1 and "u0" in pl.read_parquet(tmp_path / "data" / "users.parquet")["user_id"]
+
+
+def test_id_dropout_and_the_bounded_offset():
+    from pipeline.models.item_sources import IdItems
+
+    torch.manual_seed(0)
+    ids = IdItems(200, 8, dropout=0.3)
+    with torch.no_grad():
+        ids.embedding.weight[150:].zero_()  # items no training saw
+    every = torch.arange(1, 201)
+    out = ids({"ids": every})  # training: about 30% of the IDs replaced by the one unknown row
+    replaced = (out == ids.unknown).all(dim=1)
+    assert 0.2 < replaced.float().mean() < 0.4
+    ids.eval()
+    out = ids({"ids": every})  # scoring: exactly the zero rows get it
+    assert torch.equal((out == ids.unknown).all(dim=1), every >= 150)
+    assert not ids({"ids": torch.tensor([0])}).any()  # padding stays zero
+    bounded = IdItems(20, 8, scale=50.0, max_norm=0.25)
+    with torch.no_grad():
+        bounded.embedding.weight[5].zero_()
+    norms = bounded.table().norm(dim=1)
+    assert torch.allclose(norms[[1, 2, 10]], torch.tensor(0.25)) and norms[5] == 0 and norms[0] == 0
+    for bad, message in ((["items=cached", "id_dropout=0.2"], "id_dropout=0.2"),
+                         (["items=id", "id_dropout=1.0"], "id_dropout=1.0"),
+                         (["items=id", "id_max_norm=0.3"], "id_max_norm=0.3")):
+        with pytest.raises(ConfigError, match=message):
+            cfg.load(stage_two.TrainUserConfig, None, ["data=d", "run=r", *bad])
+
+
+def test_a_text_and_id_model_with_id_dropout_scores_new_items_with_its_unknown_row(genre_run, tmp_path):
+    run = tmp_path / "dropout"
+    stage_two.run(stage_two_settings(genre_run, run, "items=cached+id", "id_dropout=0.3", "train.epochs=3"),
+                  log=quiet)
+    done = run_cli("refresh", "items", "--catalog", str(genre_run["catalog"]), "--run", str(run), "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, meta = build.load_user_model(run / "user_llm", store.load_embeddings(store.version_root(run)).embeddings)
+    assert meta["id_dropout"] == 0.3
+    id_part = model.items.sources[1]
+    new_idx = torch.tensor([k + 1 for k in NEW])
+    assert not id_part.embedding.weight[new_idx].any()  # never trained
+    unknown = id_part.unknown * id_part.scale
+    assert torch.allclose(id_part({"ids": new_idx}), unknown.expand(5, -1))
