@@ -3,12 +3,14 @@
 # build from PyPI. Override it (make install TORCH_VERSION=2.5.1) to match your CUDA driver.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+# FAISS build for eval's search: cpu (faiss-cpu) or gpu (faiss-gpu-cu12); they are alternatives
+FAISS ?= cpu
 VENV := .venv
 BIN := $(VENV)/bin
 CLI := $(BIN)/hllm-pipeline
 PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # the stamp is written last and names what it was built with: another torch or Python rebuilds the venv
-STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-py$(PYTHON_VERSION)
+STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-faiss$(FAISS)-py$(PYTHON_VERSION)
 DATASET ?= ml-100k
 RUN ?= artifacts/$(DATASET)
 CONFIG ?=
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,$(FAISS)]"
 	touch $(STAMP)
 
 test: $(STAMP)
