@@ -24,6 +24,27 @@ def quiet(_) -> None:
     """A `log` that prints nothing."""
 
 
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    """Planted data and two tiny Item LLMs (a llama decoder, a bert encoder), made once per test module."""
+    root = tmp_path_factory.mktemp("planted")
+    return {"data": make_planted_data(root), "llama": make_tiny_item_model(root / "tiny-llama", "llama"),
+            "bert": make_tiny_item_model(root / "tiny-bert", "bert"), "root": root}
+
+
+def stage_one_settings(planted: dict, out: Path, *overrides: str, kind: str = "llama"):
+    """A tiny stage-one run on the planted data with the `kind` Item LLM (bert: mean pooling) into `out`, then
+    `overrides` (later ones win)."""
+    from pipeline import config as cfg
+    from stages.embed_items import EmbedItemsConfig
+
+    base = [f"data={planted['data']}", f"out={out}", f"item.model={planted[kind]}", "user.name=llama-tiny",
+            "item.max_text_tokens=16", "train.batch_size=16", "train.max_len=5", "train.num_negatives=16",
+            "train.lr=3e-3", "train.eval_users=120", "train.log_every=50", "train.checkpoint_every=1000",
+            "embed.shard_rows=7", "device=cpu"] + (["item.pooling=mean"] if kind == "bert" else [])
+    return cfg.load(EmbedItemsConfig, None, base + list(overrides))
+
+
 def stage_two_settings(cached: dict, run: Path, *overrides: str):
     """A tiny stage-two run on the planted data (make_cached_run) in `run`, a copy of the cached run folder: the
     settings every stage-two test shares, then `overrides` (later ones win)."""

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, crash_on_call, make_planted_data, make_tiny_item_model, quiet, run_cli
+from conftest import REPO, crash_on_call, quiet, run_cli, stage_one_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -31,22 +31,7 @@ from pipeline.models.tokens import TokenizedCatalogue
 from pipeline.validation import validate
 from stages import embed_items as stage
 
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("planted")
-    return {"data": make_planted_data(root), "llama": make_tiny_item_model(root / "tiny-llama", "llama"),
-            "bert": make_tiny_item_model(root / "tiny-bert", "bert"), "root": root}
-
-
-def settings(planted, out: Path, *extra: str, kind: str = "llama") -> stage.EmbedItemsConfig:
-    base = [f"data={planted['data']}", f"out={out}", f"item.model={planted[kind]}", "user.name=llama-tiny",
-            "item.max_text_tokens=16", "train.batch_size=16", "train.max_len=5", "train.num_negatives=16",
-            "train.lr=3e-3", "train.eval_users=120", "train.log_every=50", "train.checkpoint_every=1000",
-            "embed.shard_rows=7", "device=cpu"]
-    if kind == "bert":
-        base.append("item.pooling=mean")
-    return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
+settings = stage_one_settings
 
 
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import make_planted_data, make_tiny_item_model, quiet, run_cli
+from conftest import quiet, run_cli, stage_one_settings
 from safetensors.torch import load_file
 
 from pipeline import config as cfg
@@ -26,20 +27,7 @@ from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
 from stages import embed_items as stage
 
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("planted")
-    return {"data": make_planted_data(root), "llama": make_tiny_item_model(root / "tiny-llama", "llama"),
-            "bert": make_tiny_item_model(root / "tiny-bert", "bert"), "root": root}
-
-
-def settings(planted, out, *extra: str, kind: str = "bert") -> stage.EmbedItemsConfig:
-    base = [f"data={planted['data']}", f"out={out}", f"item.model={planted[kind]}", "user.name=llama-tiny",
-            "item.max_text_tokens=16", "item.pooling=mean", "train.batch_size=16", "train.max_len=5",
-            "train.num_negatives=16", "train.lr=3e-3", "train.eval_users=120", "train.log_every=50",
-            "train.checkpoint_every=1000", "embed.shard_rows=7", "device=cpu"]
-    return cfg.load(stage.EmbedItemsConfig, None, base + list(extra))
+settings = functools.partial(stage_one_settings, kind="bert")
 
 
 
@@ -216,7 +204,7 @@ def test_lora_trains_the_adapters_and_leaves_the_rest_as_loaded(planted, tmp_pat
     """Only the wrapped layers of the top layer change (through their merged adapters); the word embeddings,
     norms and lower layers stay as loaded."""
     stage.run(settings(planted, tmp_path / "run", "item.lora_rank=4", "item.train_layers=1", "train.max_steps=3",
-                       "train.eval_users=0", kind="llama"), log=quiet)
+                       "train.eval_users=0", "item.pooling=mean", kind="llama"), log=quiet)
     before = load_file(planted["llama"] / "model.safetensors")
     after = load_file(tmp_path / "run" / "item_llm" / "backbone" / "model.safetensors")
     assert after.keys() == before.keys()  # a plain model: no adapter left
