@@ -20,7 +20,7 @@ REFRESH_ARGS ?=
 # model presets are fetched here (the CLI's default elsewhere: ~/.cache/hllm-pipeline/models)
 export HLLM_MODELS_DIR ?= $(CURDIR)/artifacts/models
 
-.PHONY: install test demo data embed-items train-user eval refresh bench lint clean
+.PHONY: install test demo own data embed-items train-user eval refresh bench lint clean
 
 install: $(STAMP)
 
@@ -50,6 +50,16 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory embed-items DATASET=ml-100k
 	$(MAKE) --no-print-directory train-user DATASET=ml-100k
 	$(MAKE) --no-print-directory eval DATASET=ml-100k
+
+# Your own data, the whole pipeline with the small-data CPU recipe (the demo's):
+#   make own INTERACTIONS=mydata/interactions.csv ITEMS=mydata/items.csv NAME=mydata
+NAME ?= mydata
+own: $(STAMP)
+	@test -n "$(INTERACTIONS)" -a -n "$(ITEMS)" || { echo "error: give INTERACTIONS=FILE.csv ITEMS=FILE.csv (and NAME=...)" >&2; exit 2; }
+	$(CLI) data prepare --format hllm-csv --source $(INTERACTIONS) items=$(ITEMS) --out artifacts/$(NAME)/data
+	$(CLI) embed-items --config stages/configs/embed-ml-100k-cpu.yaml data=artifacts/$(NAME)/data out=artifacts/$(NAME)
+	$(CLI) train-user --config stages/configs/user-ml-100k-cpu.yaml data=artifacts/$(NAME)/data run=artifacts/$(NAME)
+	$(CLI) eval --run artifacts/$(NAME) --k 10 50 200
 
 # The canonical tables of $(DATASET), prepared once.
 DATA_READY := artifacts/$(DATASET)/data/stats.json

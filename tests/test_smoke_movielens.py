@@ -128,3 +128,34 @@ def test_eval_popularity_on_real_ml1m_matches_the_full_ranking_reference(prepare
     reference = popularity_ranks(counts, examples.targets, [examples.history(i) for i in range(len(examples))],
                                  mode, window=200)
     assert report["metrics"] == pytest.approx(metrics_from_ranks(reference, (10, 50, 200)))
+
+
+def test_the_readmes_own_data_commands_reach_an_eval_report(tmp_path):
+    """The README's "Your own data" commands, run as written from a folder holding stages/ and a small CSV pair."""
+    import re
+    import shlex
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = ["item_id,user_id,timestamp"]
+    for u in range(60):
+        start = int(rng.integers(0, 40))
+        rows += [f"m{(start + t) % 40},u{u},{1000 + t}" for t in range(int(rng.integers(5, 9)))]
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "interactions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "mydata" / "items.csv").write_text(
+        "item_id,title\n" + "".join(f"m{k},Movie {k} of kind {k % 5}\n" for k in range(40)))
+    (tmp_path / "stages").symlink_to(REPO / "stages")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):readme.index("## Commands")]
+    block = re.findall(r"It runs these.*?```bash\n(.*?)```", section, re.S)[0]
+    commands = [part.strip() for line in block.splitlines() for part in line.split("&&") if part.strip()]
+    assert len(commands) == 6 and all(c.startswith("hllm-pipeline ") for c in commands)
+    outputs = []
+    for command in commands:
+        done = run_cli(*shlex.split(command)[1:], cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        outputs.append(done.stdout)
+    assert "Recall@K" in outputs[3] and (tmp_path / "artifacts" / "mydata" / "reports").is_dir()
+    assert outputs[5].splitlines()[0].split() == ["rank", "item_id", "score", "text"]
