@@ -20,7 +20,7 @@ REFRESH_ARGS ?=
 # model presets are fetched here (the CLI's default elsewhere: ~/.cache/hllm-pipeline/models)
 export HLLM_MODELS_DIR ?= $(CURDIR)/artifacts/models
 
-.PHONY: install test demo own data embed-items train-user eval refresh bench lint clean
+.PHONY: install test test-fast demo own data embed-items train-user eval refresh bench lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests that train models or need the network
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not smoke"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -24,6 +24,8 @@ from pipeline.models.loss import nce_loss, projected_softmax_loss, softmax_loss
 from pipeline.search import Masked, TorchSearch, masked_topk
 from stages import train_user as stage_two
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 RANDOM_RECALL_AT_5 = 5 / 30  # 40 items, 10 of them the masked history: a random ranking's recall@5
 
 

@@ -241,6 +241,7 @@ def trained_run(tmp_path_factory) -> dict:
     return case
 
 
+@pytest.mark.slow
 def test_eval_command_reports_metrics_protocol_and_ranks(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run["run"], run)
@@ -318,6 +319,7 @@ def test_bad_eval_settings_are_one_line_errors(trained_run, args, message):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_without_a_trained_model_says_what_to_run(tmp_path):
     case = make_cached_run(tmp_path)
     done = run_cli("eval", "--run", str(case["run"]), f"data={case['data']}")
@@ -338,6 +340,7 @@ def test_search_benchmark_paths_agree_and_write_json(tmp_path):
         assert agreement["identical_rows"] == 1.0 or agreement["max_score_gap_where_different"] < 1e-6
 
 
+@pytest.mark.slow
 def test_validation_while_training_agrees_with_eval_on_the_valid_split(trained_run, tmp_path):
     """The loop's validation and `eval --split valid` batch user vectors and rank the same way: on every user
     they report the same numbers."""

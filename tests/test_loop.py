@@ -24,6 +24,8 @@ from pipeline.validation import validate
 from stages import embed_items as stage_one
 from stages import train_user as stage_two
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 
 def settings(cached, run: Path, *extra: str) -> stage_two.TrainUserConfig:
     return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=40", "train.log_every=1", *extra)

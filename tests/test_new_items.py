@@ -29,6 +29,8 @@ from stages import embed_items as stage_one
 from stages import prepare
 from stages import train_user as stage_two
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 NEW = [35, 36, 37, 38, 39]
 
 

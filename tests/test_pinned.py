@@ -13,6 +13,8 @@ from conftest import make_planted_data, make_tiny_item_model, quiet, stage_two_s
 from pipeline import config as cfg
 from stages import embed_items, train_user
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 
 def _log(path):
     rows = [json.loads(line) for line in open(path)]

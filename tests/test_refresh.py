@@ -32,6 +32,8 @@ from pipeline.models.tokens import TokenizedCatalogue
 from stages import embed_items as stage_one
 from stages import refresh
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> dict:

@@ -37,6 +37,7 @@ def runs(tmp_path_factory) -> dict:
     return {"a": a, "b": b}
 
 
+@pytest.mark.slow
 def test_report_puts_each_protocol_in_its_own_table_and_says_so(runs, tmp_path):
     out = tmp_path / "cmp" / "page.md"
     done = run_cli("report", str(runs["a"]), str(runs["b"]), "--out", str(out), "--title", "Fixture runs")

@@ -31,6 +31,8 @@ from pipeline.models.tokens import TokenizedCatalogue
 from pipeline.validation import validate
 from stages import embed_items as stage
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 settings = stage_one_settings
 
 

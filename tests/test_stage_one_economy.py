@@ -27,6 +27,8 @@ from pipeline.models.sequence_model import SequenceModel
 from pipeline.models.tokens import TokenizedCatalogue
 from stages import embed_items as stage
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 settings = functools.partial(stage_one_settings, kind="bert")
 
 

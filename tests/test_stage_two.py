@@ -21,6 +21,8 @@ from pipeline.models.sequence_model import SequenceModel, time_features
 from pipeline.validation import validate
 from stages import train_user as stage
 
+pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not make test-fast
+
 
 def settings(cached, run: Path, *extra: str) -> stage.TrainUserConfig:
     return stage_two_settings(cached, run, "user.name=llama-tiny", "train.eval_users=120", "train.log_every=5",
