@@ -5,6 +5,8 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 # FAISS build for eval's search: cpu (faiss-cpu) or gpu (faiss-gpu-cu12); they are alternatives
 FAISS ?= cpu
+# the pinned, hashed dependencies (Linux x86_64, Python 3.11); LOCK= installs from pyproject.toml's ranges instead
+LOCK ?= requirements.lock
 VENV := .venv
 BIN := $(VENV)/bin
 CLI := $(BIN)/hllm-pipeline
@@ -20,17 +22,27 @@ REFRESH_ARGS ?=
 # model presets are fetched here (the CLI's default elsewhere: ~/.cache/hllm-pipeline/models)
 export HLLM_MODELS_DIR ?= $(CURDIR)/artifacts/models
 
-.PHONY: install test test-fast demo own data embed-items train-user eval refresh bench lint clean
+.PHONY: install lock test test-fast demo own data embed-items train-user eval refresh bench lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)  # from scratch: a half-built venv (an interrupted install) is never reused
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(if $(LOCK),$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK))
 	$(BIN)/python -m pip install --quiet -e ".[dev,$(FAISS)]"
 	touch $(STAMP)
+
+# Re-pin requirements.lock from pyproject.toml (needs a CPU torch wheel that pip can find, as on our machines)
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv
+	echo "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')" > $(VENV)/torch-override.txt
+	$(BIN)/python -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-package torch \
+		--override $(VENV)/torch-override.txt --no-header --no-annotate -o $(VENV)/requirements.lock.new
+	{ head -3 requirements.lock; cat $(VENV)/requirements.lock.new; } > requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
 
 test: $(STAMP)
 	$(BIN)/ruff check .
