@@ -189,14 +189,7 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
         inputs = {"user_llm": folder_sha256(path), "embeddings": root.name if root else None,
                   "data": sha256_file(data / "interactions.parquet"), "since": since, "max_len": max_len,
                   "interactions": sha256_file(config.interactions) if config.interactions else None}
-        parent = versions.current_version(base, hint=USERS_HINT) if (base / "CURRENT").is_file() else None
-        try:
-            previous = _load_users(base / parent) if parent else None
-        except UserError as e:
-            if not config.all:
-                raise
-            log(f"note: {e}; computing every user's vector anew")
-            previous = None
+        parent, previous = _previous_version(base, config.all, log)
         # the interactions added so far (every earlier run's file, kept in the version) and this run's
         added = pl.concat([p for p in (previous[3] if previous is not None else None,
                                        new.select("user_id", "item_idx", "timestamp") if new is not None else None)
@@ -206,17 +199,7 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
         if previous is not None and previous[2].get("inputs") == inputs:
             log(f"nothing to do: user vectors {parent} were made from these interactions and this model")
             return {"parent": parent, "version": parent, "changed_version": False}
-        same_scorer = previous is not None and all(previous[2]["inputs"].get(k) == inputs[k]
-                                                   for k in ("user_llm", "embeddings", "max_len"))
-        if since is None or not same_scorer:
-            active = np.ones(histories.height, dtype=bool)
-            if since is not None:
-                log("no earlier user vectors from this User LLM, embeddings and length: computing every user's")
-        else:
-            known_users = histories["user_id"].is_in(previous[0]["user_id"].implode()).to_numpy()
-            in_file = histories["user_id"].is_in(new["user_id"].implode()).to_numpy() if new is not None else \
-                np.zeros(histories.height, dtype=bool)  # late events too (their time may be before `since`)
-            active = (histories["last_timestamp"].to_numpy() >= since) | ~known_users | in_file
+        active = _active_users(histories, previous, inputs, since, new, log)
         version = "u-" + fingerprint({"parent": parent, **inputs})[:12]
         summary = {"parent": parent, "version": version, "users": histories.height, "refreshed": int(active.sum()),
                    "carried": int((~active).sum()), "rejected_rows": rejected.height if rejected is not None else 0}
@@ -236,6 +219,35 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     log(f"user vectors {version}: {summary['refreshed']:,} refreshed, {summary['carried']:,} carried over, "
         f"{summary['rejected_rows']:,} rejected rows; {summary['seconds']:.1f}s")
     return summary
+
+
+def _previous_version(base: Path, recompute_all: bool, log) -> tuple[str | None, tuple | None]:
+    """The current users version and its contents (None, None before the first); a damaged one is an error,
+    unless every vector is recomputed anyway (`recompute_all`)."""
+    parent = versions.current_version(base, hint=USERS_HINT) if (base / "CURRENT").is_file() else None
+    try:
+        return parent, (_load_users(base / parent) if parent else None)
+    except UserError as e:
+        if not recompute_all:
+            raise
+        log(f"note: {e}; computing every user's vector anew")
+        return parent, None
+
+
+def _active_users(histories: pl.DataFrame, previous, inputs: dict, since: int | None, new: pl.DataFrame | None,
+                  log) -> np.ndarray:
+    """(U,) bool: the users whose vector is computed anew; the others keep the previous version's. Everyone,
+    unless `since` is given and the previous vectors come from the same User LLM, embeddings and length."""
+    same_scorer = previous is not None and all(previous[2]["inputs"].get(k) == inputs[k]
+                                               for k in ("user_llm", "embeddings", "max_len"))
+    if since is None or not same_scorer:
+        if since is not None:
+            log("no earlier user vectors from this User LLM, embeddings and length: computing every user's")
+        return np.ones(histories.height, dtype=bool)
+    known_users = histories["user_id"].is_in(previous[0]["user_id"].implode()).to_numpy()
+    in_file = histories["user_id"].is_in(new["user_id"].implode()).to_numpy() if new is not None else \
+        np.zeros(histories.height, dtype=bool)  # late events too (their time may be before `since`)
+    return (histories["last_timestamp"].to_numpy() >= since) | ~known_users | in_file
 
 
 def _compute_vectors(model, table: torch.Tensor, histories: pl.DataFrame, chosen: np.ndarray, max_len: int,
