@@ -7,6 +7,7 @@ Writes, into `out` (replaced as a whole, atomically):
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import time
@@ -179,10 +180,11 @@ def _hold_out_new_items(config: PrepareConfig, out: Path, interactions_file: str
         return None
     seqs = UserSequences.load(out)
     new = choose_new_items(seqs, split)
+    seqs = dataclasses.replace(seqs, new_items=new)
     items = pl.read_parquet(out / "items.parquet", columns=["item_idx", "item_id"])
     items.filter(pl.col("item_idx").is_in(new.tolist())).write_parquet(out / NEW_ITEMS)
     users = pl.read_parquet(out / "users.parquet", columns=["user_idx", "user_id"]).sort("user_idx")
-    summary, stranded = split_summary(UserSequences.load(out), users["user_id"])
+    summary, stranded = split_summary(seqs, users["user_id"])
     if stranded.height:
         rows = stranded.select(pl.lit("users").alias("table"), pl.lit(interactions_file).alias("file"),
                                pl.lit(None, dtype=pl.Int64).alias("row"), pl.lit("user_id").alias("column"),

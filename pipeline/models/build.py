@@ -296,13 +296,18 @@ def text_source(model: SequenceModel) -> TextItems | None:
     return next((m for m in model.items.modules() if isinstance(m, TextItems)), None)
 
 
+def head_state(model: SequenceModel) -> dict[str, torch.Tensor]:
+    """The weights of a User LLM's head: every weight of the model but the decoder's and the Item LLM's."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith("user_llm.") and ".item_llm." not in f".{k}"}
+
+
 def save_user_llm(model: SequenceModel, path: Path, meta: dict) -> None:
     """The User LLM as a Hugging Face directory + user_head.safetensors + user_llm.json, atomically. The head
     holds every weight of the model but the decoder's and the Item LLM's (saved on its own as item_llm/)."""
     with atomic_dir(path) as out:
         model.user_llm.backbone.save_pretrained(out)
-        head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                if not k.startswith("user_llm.") and ".item_llm." not in f".{k}"}
+        head = {k: v.detach().cpu().contiguous() for k, v in head_state(model).items()}
         save_file(head, str(out / "user_head.safetensors"))
         described = {"time_embedding": model.time is not None, "time_precision": model.time_precision,
                      "time_fields": TIME_FIELDS, "item_id_embedding": model.item_ids is not None,
@@ -350,8 +355,7 @@ def load_user_head(model: SequenceModel, path: Path, partial: bool = False) -> N
         return
     head = load_file(str(file))
     head = {("items." + k if k.startswith("adapter.") else k): v for k, v in head.items()}  # older name
-    own = {k: v for k, v in model.state_dict().items()
-           if not k.startswith("user_llm.") and ".item_llm." not in f".{k}"}
+    own = head_state(model)
     if not model.logit_scale.requires_grad:  # a fixed temperature (user.temperature) stays as set
         head.pop("logit_scale", None)
         own.pop("logit_scale")
