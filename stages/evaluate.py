@@ -62,9 +62,10 @@ class EvalConfig:
     (generative-recommenders) or none (RecBole). A target in the removed history is a miss."""
     window: int = 200
     """History items removed under mask_history=window."""
-    candidates: Literal["all", "interacted"] = "all"
-    """Items ranked: every catalogue item, or only those with at least one interaction in the data (as the
-    ID-model benchmarks rank them: e.g. 3,706 of ML-1M's 3,883 movies)."""
+    candidates: Literal["all", "interacted", "new"] = "all"
+    """Items ranked: every catalogue item, only those with at least one interaction in the data (as the
+    ID-model benchmarks rank them: e.g. 3,706 of ML-1M's 3,883 movies), or only the new items of a new-item
+    split (how well a model fills a slot kept for new items; warm targets are then misses)."""
     model: Literal["hllm", "popularity", "content", "popularity-new"] = "hllm"
     """hllm: the User LLM on the cached embeddings; popularity: items by training interactions, for every user;
     content: no training, the user vector is the mean of the history's cached embeddings (the last max_len
@@ -237,10 +238,15 @@ def _catalogue(config: EvalConfig, seqs: UserSequences, examples, data: Path, pa
             raise UserError(f"{root}: holds {n_items} items but {data} has {seqs.num_items}; evaluate with the "
                             "data these embeddings were made from")
         absent = np.flatnonzero(~loaded.present[1:].numpy()) + 1  # retired by a refresh: never recommended
+    if config.candidates == "new" and not len(seqs.new_items):
+        raise UserError(f"{data}: candidates=new ranks the new items of a new-item split, and this data has none "
+                        "(data prepare new_item_fraction=... or new_items_after=...)")
     masked = Masked.from_histories(examples.history_offsets, examples.history_items, config.mask_history,
                                    config.window)
     never_seen = np.flatnonzero(np.bincount(seqs.items, minlength=n_items + 1)[1:] == 0) + 1
     live = np.setdiff1d(np.arange(1, n_items + 1), absent)
+    if config.candidates == "new":
+        live = np.intersect1d(live, seqs.new_items)
     if config.candidates == "interacted" and len(np.setdiff1d(never_seen, absent)):
         masked = masked.plus(np.setdiff1d(never_seen, absent))
     candidates = len(np.setdiff1d(live, never_seen)) if config.candidates == "interacted" else len(live)
@@ -254,7 +260,8 @@ def _protocol(config: EvalConfig, data: Path, catalogue: Catalogue) -> dict:
     protocol = {"dataset": dataset, "data": str(data), "items": catalogue.n_items, "split": config.split,
                 "mask_history": config.mask_history, **window, "candidates": config.candidates,
                 "candidate_items": catalogue.candidates, "k": list(config.k),
-                "ranking": "full catalogue, cosine similarity, ties by item_idx"}
+                "ranking": ("the new items only" if config.candidates == "new" else "full catalogue")
+                + ", cosine similarity, ties by item_idx"}
     if catalogue.retired:
         protocol["retired_items"] = catalogue.retired
     new_split = (json.loads(stats_path.read_text()).get("split", {}).get("new_items") if stats_path.is_file()
@@ -295,6 +302,11 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
     vectors_of_items = table[torch.from_numpy(ids)].cpu()
     unknown = ~vectors_of_items.any(dim=1).numpy()  # a zero vector (an ID no training saw): never recommended
     ids, vectors_of_items = ids[~unknown], vectors_of_items[torch.from_numpy(~unknown)]
+    if not len(ids):  # e.g. an ID model asked to rank only new items: none has a vector, every target misses
+        ranks = gather_rows(np.full(len(mine), MISS, dtype=np.int64), state)
+        extra = {"items_without_vector": int(unknown.sum())} if state.is_main_process else None
+        return None if extra is None else (ranks, _model_card(meta, path, max_len, root),
+                                         {"type": "exact", "description": "no candidate has a vector"}, extra)
     items = normalise(vectors_of_items)  # (N', D)
     if not np.isfinite(items).all():
         raise UserError(f"{root or path}: the item vectors hold NaN or infinite values")
@@ -323,11 +335,14 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
         return None
     if unknown.any():
         extra["items_without_vector"] = int(unknown.sum())
-    model_card = {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})", "user_llm": str(path),
-                  "items": build.saved_item_source(path), "fingerprint": folder_sha256(path)[:16],
-                  "max_len": max_len, "embeddings_version": root.name if root else None,
-                  "embeddings_model": read_manifest(root).get("model_fingerprint", "")[:16] if root else None}
-    return ranks, model_card, index_card, extra
+    return ranks, _model_card(meta, path, max_len, root), index_card, extra
+
+
+def _model_card(meta: dict, path: Path, max_len: int, root: Path | None) -> dict:
+    return {"name": f"{meta.get('model', 'hllm')} ({meta.get('source', 'user llm')})", "user_llm": str(path),
+            "items": build.saved_item_source(path), "fingerprint": folder_sha256(path)[:16],
+            "max_len": max_len, "embeddings_version": root.name if root else None,
+            "embeddings_model": read_manifest(root).get("model_fingerprint", "")[:16] if root else None}
 
 
 def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,

@@ -312,6 +312,8 @@ def test_without_faiss_exact_search_falls_back_to_torch(trained_run, tmp_path, m
     (["--index", "hnsw", "search=torch"], "search=torch serves exact search only"),
     (["--mask-history", "most"], "mask_history"),
     (["device=gpu"], "device=gpu: use auto, cpu, cuda or cuda:N"),
+    (["candidates=new"], "candidates=new ranks the new items of a new-item split, and this data has none"),
+    (["--model", "popularity-new"], "model=popularity-new ranks the new items of a new-item split"),
 ])
 def test_bad_eval_settings_are_one_line_errors(trained_run, args, message):
     done = run_cli("eval", "--run", str(trained_run["run"]), f"data={trained_run['data']}", *args)

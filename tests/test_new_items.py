@@ -145,6 +145,19 @@ def test_after_refresh_a_text_model_ranks_the_new_item_first_and_an_id_model_can
     row = next(line for line in page.splitlines() if line.startswith("| cached |") and "0.0000 |" not in line[:20])
     assert "50 new-item targets" in page and "on the new-item targets" in page
     assert f"{text['metrics_new']['recall@1']:.4f}" in row, row
+    # candidates=new ranks the new items only: a new-item target can only climb, a warm one misses
+    only_new = {}
+    for items in ("cached", "id"):
+        done = run_cli("eval", "--k", "1", "5", "10", "--run", str(tmp_path / items), f"data={genre_run['data']}",
+                       "--per-user-ranks", "candidates=new", "device=cpu")
+        assert done.returncode == 0, done.stderr[-2000:]
+        only_new[items] = json.loads(Path(done.stdout.splitlines()[-1].split()[1]).read_text())
+    assert only_new["cached"]["protocol"]["candidate_items"] == 5
+    assert only_new["cached"]["protocol"]["ranking"].startswith("the new items only")
+    assert only_new["cached"]["metrics_warm"]["recall@10"] == 0.0 == only_new["id"]["metrics_new"]["recall@10"]
+    ranks_all, ranks_new = (pl.read_parquet(r["ranks_file"]).filter(pl.col("target_is_new"))["rank"]
+                            .fill_null(MISS).to_numpy() for r in (text, only_new["cached"]))
+    assert (ranks_new <= ranks_all).all() and (ranks_new < 5).all()
 
 
 def test_split_settings_that_cannot_work_are_one_line_errors(tmp_path):
