@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.data.sequences import EvalExamples, TrainingWindows
+from pipeline.data.sequences import EvalExamples, TrainingWindows, UserSequences
 from pipeline.models.item_sources import ItemSource
 from pipeline.models.sequence_model import SequenceModel, time_features
 
@@ -24,6 +24,7 @@ class SequenceBatches:
     def __init__(self, windows: TrainingWindows, batch_size: int, seed: int) -> None:
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.width = int((windows.stops - windows.starts).max()) if len(windows) else 2
+        self.labelled = windows.source.labels is not None
 
     def __len__(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
@@ -41,16 +42,51 @@ class SequenceBatches:
         """The same sequences' timestamps (0 on padding)."""
         return self._rows(self.windows.source.timestamps, epoch, index, rank, world)
 
-    def _rows(self, values: np.ndarray, epoch: int, index: int, rank: int, world: int) -> np.ndarray:
+    def labels(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The same sequences' labels (UserSequences.labels; -1 on padding)."""
+        return self._rows(self.windows.source.labels, epoch, index, rank, world, pad=-1)
+
+    def _picks(self, epoch: int, index: int, rank: int, world: int) -> np.ndarray:
+        """This process's share of the batch: rows of `windows`."""
         if self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of processes {world}")
         share = self.batch_size // world
-        picks = self.global_indices(epoch, index)[rank * share:(rank + 1) * share]
-        out = np.zeros((len(picks), self.width), dtype=np.int64)
+        return self.global_indices(epoch, index)[rank * share:(rank + 1) * share]
+
+    def _rows(self, values: np.ndarray, epoch: int, index: int, rank: int, world: int, pad: int = 0) -> np.ndarray:
+        picks = self._picks(epoch, index, rank, world)
+        out = np.full((len(picks), self.width), pad, dtype=np.int64)
         for row, w in enumerate(picks):
             seq = values[self.windows.starts[w]:self.windows.stops[w]]
             out[row, self.width - len(seq):] = seq
         return out
+
+
+class ExampleBatches(SequenceBatches):
+    """Batches of labelled examples whose candidate is appended to the user's history (pipeline.ranking): each
+    row is the user's last `max_len` interactions before the example, then the candidate, labelled at the end."""
+
+    def __init__(self, seqs: UserSequences, examples, max_len: int, batch_size: int, seed: int) -> None:
+        self.seqs, self.windows, self.max_len = seqs, examples, max_len
+        self.batch_size, self.seed, self.width = batch_size, seed, max_len + 1
+        self.labelled = True
+
+    def item_ids(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        return self._appended(epoch, index, rank, world)[0]
+
+    def timestamps(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        return self._appended(epoch, index, rank, world)[1]
+
+    def labels(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        rows = self._picks(epoch, index, rank, world)
+        out = np.full((len(rows), self.width), -1, dtype=np.int64)
+        out[:, -1] = self.windows.labels[rows]
+        return out
+
+    def _appended(self, epoch: int, index: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.ranking import appended_rows
+
+        return appended_rows(self.seqs, self.windows, self._picks(epoch, index, rank, world), self.max_len)
 
 
 def sample_negatives(pool: np.ndarray, count: int, seed: int, step: int, micro: int) -> np.ndarray:
@@ -85,18 +121,21 @@ class StepBatch:
     full_catalogue: bool
     """The negatives are every trainable item in item_idx order (loss=softmax): the loss is plain cross-entropy."""
     positions: int
-    """Valid (input, target) positions in this process's share."""
+    """Valid (input, target) positions in this process's share (with labels: the labelled ones)."""
     items: int
     """Distinct items embedded, for the throughput log."""
     tokens: int
     """Item tokens encoded (text sources), for the throughput log."""
+    labels: torch.Tensor | None = None
+    """(b, L+1) the rankers' 0/1 label of each sequence item (-1: none, and on padding); None without labels."""
 
     def to(self, device: torch.device) -> StepBatch:
         return replace(self, seq_ids=self.seq_ids.to(device), seq_index=self.seq_index.to(device),
                        item_inputs=_to(self.item_inputs, device), row_ids=self.row_ids.to(device),
                        neg_index=self.neg_index.to(device), negative_ids=self.negative_ids.to(device),
                        times=self.times.to(device) if self.times is not None else None,
-                       stamps=self.stamps.to(device) if self.stamps is not None else None)
+                       stamps=self.stamps.to(device) if self.stamps is not None else None,
+                       labels=self.labels.to(device) if self.labels is not None else None)
 
 
 def _to(obj, device: torch.device):
@@ -111,7 +150,8 @@ def _to(obj, device: torch.device):
 
 def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarray, rank: int, world: int,
                     timestamps: np.ndarray | None = None, time_precision: str | None = None,
-                    in_batch_negatives: bool = False, full_catalogue: bool = False) -> StepBatch:
+                    in_batch_negatives: bool = False, full_catalogue: bool = False,
+                    labels: np.ndarray | None = None) -> StepBatch:
     """Embed each distinct item of the step once: this process's sequence items and negatives (all of them, or
     its share negatives[rank::world] where the source embeds negatives in shares, or none where they are rows of
     the source's negative table). With `timestamps`, the batch
@@ -139,7 +179,14 @@ def make_step_batch(source: ItemSource, seq_ids: np.ndarray, negatives: np.ndarr
         negative_ids=torch.from_numpy(np.asarray(gathered, dtype=np.int64)), times=times,
         stamps=torch.from_numpy(timestamps) if timestamps is not None else None,
         in_batch_negatives=in_batch_negatives, full_catalogue=full_catalogue,
-        positions=int(((seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)).sum()), items=len(unique), tokens=tokens)
+        positions=_positions(seq_ids, labels), items=len(unique), tokens=tokens,
+        labels=torch.from_numpy(labels) if labels is not None else None)
+
+
+def _positions(seq_ids: np.ndarray, labels: np.ndarray | None) -> int:
+    """The (input, target) pairs a step trains: every valid one, or with labels the labelled ones (a ranker)."""
+    valid = (seq_ids[:, :-1] > 0) & (seq_ids[:, 1:] > 0)
+    return int((valid & (labels[:, 1:] >= 0)).sum()) if labels is not None else int(valid.sum())
 
 
 def left_pad(histories: list[np.ndarray], width: int) -> torch.Tensor:

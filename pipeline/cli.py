@@ -259,12 +259,15 @@ def _run_recommend(stage, conf) -> None:
 
 
 def _run_eval(stage, conf) -> None:
+    if conf.task == "ranking":
+        stage = importlib.import_module("stages.evaluate_ranking")
     report = stage.run(conf, log=_log)
     if report is None:  # not the main process of a multi-process launch
         return
     typer.echo(stage.format_table(report))
-    typer.echo(f"report: {report['report_file']}" + (f"  ranks: {report['ranks_file']}" if report["ranks_file"]
-                                                      else ""))
+    per_user = report.get("ranks_file") or report.get("scores_file")
+    typer.echo(f"report: {report['report_file']}" + (f"  {'ranks' if 'ranks_file' in report else 'scores'}: "
+                                                      f"{per_user}" if per_user else ""))
 
 
 STAGES = {
@@ -292,7 +295,13 @@ STAGES = {
                               ("user", "k", "run")),
     "eval": StageCommand("eval", "stages.evaluate", "EvalConfig", _run_eval,
                          "Rank the whole catalogue for every user (FAISS or exact torch) and report Recall@K and "
-                         "NDCG@K.", ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks")),
+                         "NDCG@K (or, with --task ranking, a ranker's AUC, GAUC and log loss).",
+                         ("k", "split", "mask_history", "index", "run", "model", "per_user_ranks", "task", "fusion")),
+    "train-ranker": StageCommand("train-ranker", "stages.train_ranker", "TrainRankerConfig",
+                                 lambda stage, conf: stage.run(conf, log=_log),
+                                 "Train a discriminative ranker (early or late fusion, or none: the generative "
+                                 "baseline) on labelled interactions over stage two's item sources.",
+                                 ("fusion", "run", "data")),
 }
 
 
@@ -361,7 +370,7 @@ def command_line() -> click.Group:
     group.commands["data"].add_command(stage_command(STAGES["prepare"]))  # type: ignore[attr-defined]
     for name in ("items", "users"):
         group.commands["refresh"].add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
-    for name in ("embed-items", "train-user", "eval", "recommend"):
+    for name in ("embed-items", "train-user", "train-ranker", "eval", "recommend"):
         group.add_command(stage_command(STAGES[name]))  # type: ignore[attr-defined]
     return group
 

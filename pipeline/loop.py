@@ -33,6 +33,9 @@ from pipeline.runtime import device_of, distributed_state
 from pipeline.tracking import EarlyStopping, MetricsLog, StepWindow, cut_log_after
 from pipeline.validation import validate
 
+RANKING_METRICS = ("auc", "gauc")
+"""The rankers' validation metrics that can pick the best epoch (higher is better)."""
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -73,7 +76,7 @@ class LoopConfig:
     """Users sampled (fixed) for validation after each epoch; 0 turns validation off."""
     early_stopping_metric: str = "ndcg@200"
     """Validation metric that picks the best epoch: ndcg@K or recall@K, K in 10, 50, 200; with a new-item split
-    `new:ndcg@10` or `warm:ndcg@10` picks it on one kind of target."""
+    `new:ndcg@10` or `warm:ndcg@10` picks it on one kind of target; auc or gauc for a ranker."""
     patience: int = 2
     """Stop after this many epochs without improvement. Resuming a run that stopped early with more patience
     trains on from where it stopped."""
@@ -113,9 +116,12 @@ class LoopConfig:
                               "negative already) and would count the batch's targets twice; set it to false")
         kind, _, name = self.early_stopping_metric.rpartition(":")
         metric, _, k = name.partition("@")
-        if metric not in ("ndcg", "recall") or k not in ("10", "50", "200") or kind not in ("", "new", "warm"):
+        ranking = self.early_stopping_metric in RANKING_METRICS
+        if not ranking and (metric not in ("ndcg", "recall") or k not in ("10", "50", "200")
+                            or kind not in ("", "new", "warm")):
             raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric}: use ndcg@K or recall@K "
-                              "with K one of 10, 50, 200 (new:ndcg@10 or warm:ndcg@10 for one kind of target)")
+                              "with K one of 10, 50, 200 (new:ndcg@10 or warm:ndcg@10 for one kind of target; auc "
+                              "or gauc for a ranker)")
 
     def trajectory(self) -> dict:
         """The settings that decide the weights after a given step. Logging, saving and patience (when to stop)
@@ -199,7 +205,8 @@ class Run:
 
 
 def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, seed: int,
-          device_name: str, resume: bool, say=print, save_config: Callable[[Path], None] | None = None) -> Run:
+          device_name: str, resume: bool, say=print, save_config: Callable[[Path], None] | None = None,
+          batches: SequenceBatches | None = None) -> Run:
     """accelerate, the batches, AdamW with warm-up + cosine, and the saved state when resuming; `save_config`
     writes the run's settings, once the state beside them is known to match them."""
     from accelerate import Accelerator
@@ -223,10 +230,11 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     if ":" in t.early_stopping_metric and not len(seqs.new_items):
         raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric}: the data has no new-item split "
                           "(data prepare new_item_fraction=...); use a metric without a kind")
-    windows = training_windows(seqs, t.max_len, t.chunking)
-    if len(windows) == 0:
-        raise UserError("no training sequence has two items; nothing to train on")
-    batches = SequenceBatches(windows, t.batch_size, seed)
+    if batches is None:  # the training windows of the sequences (else: given, e.g. a ranker's labelled examples)
+        windows = training_windows(seqs, t.max_len, t.chunking)
+        if len(windows) == 0:
+            raise UserError("no training sequence has two items; nothing to train on")
+        batches = SequenceBatches(windows, t.batch_size, seed)
     total_steps = min(math.ceil(len(batches) / t.grad_accum) * t.epochs, t.max_steps or 10**12)
     horizon = t.schedule_steps or total_steps
     optimizer = make_optimizer(model, t)
@@ -274,13 +282,17 @@ def setup(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
 def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Path, identity: dict, *, seed: int,
           device_name: str, resume: bool, save_best: Callable[[SequenceModel, Path], None],
           load_best: Callable[[SequenceModel, Path], None], name: str, log=print,
-          save_config: Callable[[Path], None] | None = None) -> SequenceModel:
+          save_config: Callable[[Path], None] | None = None,
+          validation: Callable[[SequenceModel], dict] | None = None,
+          batches: SequenceBatches | None = None) -> SequenceModel:
     """Train `model` on the training part of `seqs` as `t` says; returns the unwrapped model with the best
     weights. `identity` names what the run depends on besides `t` (model settings, data checksums): a saved
     state is resumed only when it matches. `save_best`/`load_best` keep the best weights under run_dir/best;
-    `save_config` writes the resolved settings to run_dir/config.yaml once the saved state is accepted."""
+    `save_config` writes the resolved settings to run_dir/config.yaml once the saved state is accepted;
+    `validation` replaces the next-item validation (a ranker's AUC); `batches` the training windows of `seqs`
+    (a ranker's labelled examples)."""
     say = log if distributed_state(device_of(device_name)).is_main_process else (lambda _: None)
-    run = setup(model, seqs, t, run_dir, identity, seed, device_name, resume, say, save_config)
+    run = setup(model, seqs, t, run_dir, identity, seed, device_name, resume, say, save_config, batches)
     accelerator, progress, batches, unwrapped = run.accelerator, run.progress, run.batches, run.unwrapped
     rank, world = accelerator.process_index, accelerator.num_processes
     stopping = EarlyStopping(progress, t.patience)
@@ -312,8 +324,9 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 batch = make_step_batch(unwrapped.items, batches.item_ids(epoch, index, rank, world), negatives,
                                         rank, world, stamps,
                                         unwrapped.time_precision if unwrapped.time is not None else None,
-                                        t.in_batch_negatives, full_catalogue=t.loss == "softmax"
-                                        ).to(accelerator.device)
+                                        t.in_batch_negatives, full_catalogue=t.loss == "softmax",
+                                        labels=batches.labels(epoch, index, rank, world)
+                                        if batches.labelled else None).to(accelerator.device)
                 valid_global = torch.tensor(float(batch.positions), device=accelerator.device)
                 if world > 1:
                     valid_global = accelerator.reduce(valid_global, reduction="sum")
@@ -336,7 +349,10 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
                 run.save_state()
         # ---- end of an epoch (or of max_steps): validate, keep the best, maybe stop, save
         score = None
-        metrics = validate(unwrapped, seqs, t.max_len, t.eval_users, seed) if t.eval_users > 0 else None
+        metrics = None
+        if t.eval_users > 0:
+            metrics = validation(unwrapped) if validation is not None else \
+                validate(unwrapped, seqs, t.max_len, t.eval_users, seed)
         progress["wall_seconds"] = progress.get("wall_seconds", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
         if metrics is not None:
@@ -344,12 +360,7 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
             score = (metrics[kind] if kind else metrics).get(name, float("-inf"))  # a kind without targets: none
             run.log.write({"epoch": epoch, "step": progress["step"], "wall_seconds": round(progress["wall_seconds"], 1),
                            "valid": metrics})
-            also = f" {t.early_stopping_metric} {score:.4f}" if t.early_stopping_metric not in ("recall@10",
-                                                                                               "ndcg@10") else ""
-            kinds = "".join(f"; {k} targets ({metrics[k]['targets']}) ndcg@10 {metrics[k].get('ndcg@10', 0):.4f}"
-                            for k in ("warm", "new") if k in metrics)
-            say(f"epoch {epoch} valid ({metrics['users']} users): recall@10 {metrics['recall@10']:.4f} "
-                f"ndcg@10 {metrics['ndcg@10']:.4f}{also} (popularity {metrics['popularity'][name]:.4f}){kinds}")
+            say(f"epoch {epoch} valid ({metrics['users']} users): {_validation_line(metrics, t, name, score)}")
         if stopping.improved(score, epoch, progress["step"]):
             if accelerator.is_main_process:
                 save_best(unwrapped, run_dir / "best")
@@ -367,6 +378,18 @@ def train(model: SequenceModel, seqs: UserSequences, t: LoopConfig, run_dir: Pat
     load_best(unwrapped, run_dir / "best")
     say(f"best epoch {progress['best']['epoch']} (step {progress['best']['step']})")
     return unwrapped
+
+
+def _validation_line(metrics: dict, t: LoopConfig, name: str, score: float) -> str:
+    if "auc" in metrics:  # a ranker
+        return (f"auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} log loss {metrics['log_loss']:.4f} "
+                f"({metrics['examples']} examples; popularity auc {metrics['popularity']['auc']:.4f})")
+    also = f" {t.early_stopping_metric} {score:.4f}" if t.early_stopping_metric not in ("recall@10", "ndcg@10") \
+        else ""
+    kinds = "".join(f"; {k} targets ({metrics[k]['targets']}) ndcg@10 {metrics[k].get('ndcg@10', 0):.4f}"
+                    for k in ("warm", "new") if k in metrics)
+    return (f"recall@10 {metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}{also} "
+            f"(popularity {metrics['popularity'][name]:.4f}){kinds}")
 
 
 def _log_step(run: Run, window: StepWindow, t: LoopConfig, epoch: int, say) -> None:

@@ -99,3 +99,47 @@ def metrics_by_target_kind(ranks: np.ndarray, targets: np.ndarray, new_items: np
     is_new = np.isin(targets, new_items)
     return {kind: {"targets": int(rows.sum()), **(metrics_from_ranks(ranks[rows], ks) if rows.any() else {})}
             for kind, rows in (("warm", ~is_new), ("new", is_new))}
+
+
+# ---- the rankers' metrics: (score, 0/1 label) pairs, not ranks
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative (ties count one
+    half), by the rank-sum formula with average ranks for ties. NaN without both labels."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # each run of equal scores
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based average rank of each run
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def gauc(users: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Group AUC: each user's AUC over their own examples, averaged over the users that have both labels (each
+    user counts once); and how many users that is. NaN when none has."""
+    users, scores, labels = np.asarray(users), np.asarray(scores), np.asarray(labels)
+    order = np.argsort(users, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1], True])
+    values = [auc(scores[order[lo:hi]], labels[order[lo:hi]]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    values = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+def log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(logits) against the 0/1 labels (natural log), computed stably."""
+    x, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))) if len(x) else float("nan")
+
+
+def ranking_metrics(users: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """AUC, GAUC (with its user count), log loss and the example counts of one set of scored examples."""
+    value, grouped_users = gauc(users, logits, labels)
+    return {"auc": auc(logits, labels), "gauc": value, "gauc_users": grouped_users,
+            "log_loss": log_loss(logits, labels), "examples": int(len(labels)),
+            "positives": int(np.asarray(labels).sum()), "users": int(len(np.unique(users)))}

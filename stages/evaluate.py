@@ -99,6 +99,11 @@ class EvalConfig:
     """auto (cuda when available), cpu or cuda: where the User LLM (and torch search) run."""
     seed: int = 42
     """Seed of IVF clustering."""
+    task: Literal["retrieval", "ranking"] = "retrieval"
+    """retrieval: top-K over the catalogue (Recall/NDCG); ranking: a ranker's AUC, GAUC and log loss on the
+    labelled examples it held out (`train-ranker`)."""
+    fusion: Literal["early", "late", "none"] = "early"
+    """task=ranking: which ranker of the run (run/ranker-<fusion>/)."""
 
     def __post_init__(self) -> None:
         if not self.k or any(k < 1 for k in self.k):
@@ -416,6 +421,8 @@ def run(config: EvalConfig, log=print) -> dict | None:
     """Evaluate the run's User LLM (or popularity) on the split; writes the report and returns it. Under a
     multi-process launch each process computes the vectors and top-K of a share of the users and the main one
     writes the report (the others return None)."""
+    if config.task == "ranking":  # the eval command hands these to stages.evaluate_ranking
+        raise ConfigError("task=ranking: call stages.evaluate_ranking.run (the eval command does)")
     started = time.perf_counter()
     timings: dict[str, float] = {}
     state = distributed_state(device_of(config.device))

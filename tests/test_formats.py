@@ -46,7 +46,8 @@ def test_grouplens_ml1m_layout(tmp_path, ml1m_dir):
     assert users["user_id"].to_list() == ["10", "20"] and users["user_idx"].to_list() == [0, 1]
     inter = read(out, "interactions")
     assert inter.schema == {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64,
-                            "source_row": pl.Int64}
+                            "source_row": pl.Int64, "rating": pl.Float32}  # the rankers' labels
+    assert inter["rating"].null_count() == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["users"], stats["items"], stats["items_with_interactions"], stats["interactions"]) == (2, 5, 4, 9)
     assert (out / "config.yaml").is_file() and read(out, "rejected").height == 0

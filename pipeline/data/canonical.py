@@ -166,7 +166,11 @@ def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFr
         pl.when(pl.col("_problem") == "bad_timestamp").then(pl.col("timestamp")).cast(pl.String).alias("value"),
         pl.col("_problem").alias("reason"),
     ))
-    valid = parsed.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts")
+    # a rating travels along where the source has one (the ranker's labels); a value that is not a number is null
+    rating = [pl.col("rating").str.strip_chars().cast(pl.Float32, strict=False).alias("rating")] \
+        if "rating" in parsed.collect_schema().names() else []
+    keep = ["row", "user_id", "item_id", "ts", *(["rating"] if rating else [])]
+    valid = parsed.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts", *rating)
 
     # Raw count filters: the official Amazon Books preprocessing (item >= 5 and user >= 5, then user >= 5).
     if rules.raw_min_item_count > 1 or rules.raw_min_user_count > 1:
@@ -181,7 +185,7 @@ def _filter_interactions(raw: RawTables, rules: CanonicalRules, items: pl.DataFr
                                  .with_columns(reason.alias("_problem")), "count-filter")
         ws.reject(flagged.filter(pl.col("_problem").is_not_null()), "interactions", None, None,
                   pl.col("_problem"))
-        valid = flagged.filter(pl.col("_problem").is_null()).select("row", "user_id", "item_id", "ts")
+        valid = flagged.filter(pl.col("_problem").is_null()).select(keep)
     if rules.min_user_count_after_filter > 1:
         valid = _drop_short_users(valid, rules.min_user_count_after_filter, ws,
                                   f"user_count_after_filter_below_{rules.min_user_count_after_filter}")
@@ -256,7 +260,8 @@ def build_canonical(raw: RawTables, rules: CanonicalRules, workdir: Path, out: P
     interactions = (
         valid.join(users.lazy().select("user_id", "user_idx"), on="user_id")
         .join(items.lazy().select("item_id", "item_idx"), on="item_id")
-        .select("user_idx", "item_idx", pl.col("ts").alias("timestamp"), pl.col("row").alias("source_row"))
+        .select("user_idx", "item_idx", pl.col("ts").alias("timestamp"), pl.col("row").alias("source_row"),
+                *([pl.col("rating")] if "rating" in valid.collect_schema().names() else []))
         .collect()
         .sort(["user_idx", "timestamp", "source_row"])
     )

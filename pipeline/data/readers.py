@@ -51,7 +51,8 @@ class RawTables:
     """What a reader hands to the canonical builder. All id and text columns are strings."""
 
     interactions: pl.LazyFrame
-    """Columns: row (Int64), user_id, item_id, timestamp (all String; timestamp still unparsed)."""
+    """Columns: row (Int64), user_id, item_id, timestamp (all String; timestamp still unparsed), and rating where
+    the source has one."""
     interactions_file: str
     items: pl.LazyFrame
     """Columns: row (Int64), item_id, then one String column per text field."""
@@ -296,7 +297,7 @@ def _read_ml100k(source: Path, encoding: str) -> RawTables:
         pl.concat_list(flags).list.drop_nulls().list.join("|").alias("genres"),
     ).with_columns(pl.when(pl.col("genres") == "").then(None).otherwise(pl.col("genres")).alias("genres"))
     return RawTables(
-        interactions=inter.select("row", "user_id", "item_id", "timestamp"),
+        interactions=interaction_columns(inter),
         interactions_file=str(data_path),
         items=items,
         items_file=str(item_path),
@@ -312,7 +313,7 @@ def _read_ml1m(source: Path, encoding: str) -> RawTables:
                                    ["user_id", "item_id", "rating", "timestamp"])
     items, bad_items = split_lines(movies_path, "items", encoding, "::", ["item_id", "title", "genres"])
     return RawTables(
-        interactions=inter.select("row", "user_id", "item_id", "timestamp"),
+        interactions=interaction_columns(inter),
         interactions_file=str(ratings_path),
         items=items,
         items_file=str(movies_path),
@@ -320,6 +321,12 @@ def _read_ml1m(source: Path, encoding: str) -> RawTables:
         rejected=[bad_inter, bad_items],
         inputs=[ratings_path, movies_path],
     )
+
+
+def interaction_columns(inter: pl.LazyFrame) -> pl.LazyFrame:
+    """The columns the canonical tables keep: row, ids, timestamp, and the rating where the file has one."""
+    rating = ["rating"] if "rating" in inter.collect_schema().names() else []
+    return inter.select("row", "user_id", "item_id", "timestamp", *rating)
 
 
 def scan_recbole(path: Path, encoding: str, workdir: Path) -> pl.LazyFrame:
@@ -349,7 +356,7 @@ def _read_recbole_movielens(inter_path: Path, item_path: Path, encoding: str, wo
     genres = pl.col(genre_col).str.strip_chars().str.replace_all(r"\s+", "|") if genre_col else pl.lit(None)
     items = items.select("row", "item_id", title.alias("title"), genres.cast(pl.String).alias("genres"))
     return RawTables(
-        interactions=inter.select("row", "user_id", "item_id", "timestamp"),
+        interactions=interaction_columns(inter),
         interactions_file=str(inter_path),
         items=items,
         items_file=str(item_path),
@@ -396,7 +403,7 @@ def read_hllm_csv(source: Path, items_path: Path | None, text_keys: tuple[str, .
                             "set text_keys= to the columns that describe an item")
     require_columns(items, items_path, ["item_id", *text_keys])
     return RawTables(
-        interactions=inter.select("row", "user_id", "item_id", "timestamp"),
+        interactions=interaction_columns(inter),
         interactions_file=str(inter_path),
         items=items.select("row", "item_id", *text_keys),
         items_file=str(items_path),
@@ -529,7 +536,7 @@ def read_amazon_books(source: Path, items_path: Path | None, text_keys: tuple[st
     meta_parquet = convert_metadata(meta_path, workdir / "meta.parquet", text_keys, log=log)
     rejected_meta = pl.scan_parquet(meta_parquet.with_suffix(".rejected.parquet"))
     return RawTables(
-        interactions=inter.select("row", "user_id", "item_id", "timestamp"),
+        interactions=interaction_columns(inter),
         interactions_file=str(ratings_path),
         items=pl.scan_parquet(meta_parquet),
         items_file=str(meta_path),

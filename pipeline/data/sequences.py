@@ -12,7 +12,7 @@ and in histories, as items that arrived after training.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,8 @@ class UserSequences:
     """Catalogue size N (item_idx runs 1..N; 0 is padding)."""
     new_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     """(K,) sorted item_idx held out as new: training never sees them."""
+    labels: np.ndarray | None = None
+    """(M,) int8 per interaction, for the rankers: 1, 0, or -1 where it has no label; None: unlabelled data."""
 
     @property
     def num_users(self) -> int:
@@ -79,7 +81,7 @@ class UserSequences:
         seqs = cls.from_frame(interactions, int(num_items))
         if (data_dir / NEW_ITEMS).is_file():
             new = np.sort(pl.read_parquet(data_dir / NEW_ITEMS, columns=["item_idx"])["item_idx"].to_numpy())
-            seqs = UserSequences(seqs.offsets, seqs.items, seqs.timestamps, seqs.num_items, new.astype(np.int32))
+            seqs = replace(seqs, new_items=new.astype(np.int32))
         return seqs
 
     def prefix(self, drop_last: int) -> UserSequences:
@@ -88,7 +90,8 @@ class UserSequences:
         keep = np.repeat(self.offsets[:-1], lengths) + concat_ranges(lengths)
         offsets = np.zeros_like(self.offsets)
         np.cumsum(lengths, out=offsets[1:])
-        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items)
+        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items,
+                             self.labels[keep] if self.labels is not None else None)
 
     def without(self, items: np.ndarray) -> UserSequences:
         """Every user's sequence without the interactions with `items` (users keep their index, possibly empty)."""
@@ -97,7 +100,8 @@ class UserSequences:
         lengths = np.bincount(owner[keep], minlength=self.num_users)
         offsets = np.zeros_like(self.offsets)
         np.cumsum(lengths, out=offsets[1:])
-        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items)
+        return UserSequences(offsets, self.items[keep], self.timestamps[keep], self.num_items, self.new_items,
+                             self.labels[keep] if self.labels is not None else None)
 
 
 def concat_ranges(lengths: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from pipeline.io import atomic_dir
 from pipeline.models import presets
 from pipeline.models.item_sources import CachedItems, IdItems, ItemSource, SumItems, TextItems
 from pipeline.models.llm import ItemLLM, UserLLM, assert_causal, drop_word_embeddings, lora_merged_state, merge_lora
+from pipeline.models.ranker import RankingModel
 from pipeline.models.sequence_model import TIME_FIELDS, SequenceModel
 from pipeline.run_dir import RunDir
 
@@ -243,14 +244,18 @@ def user_llm_from(config: UserModelConfig, stage_one: Path | None = None, log=pr
     return load_user_llm(stage_one, config.attn_implementation)
 
 
-def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig) -> SequenceModel:
+def sequence_model(items: ItemSource, user_llm: UserLLM, config: UserModelConfig, ranker: dict | None = None
+                   ) -> SequenceModel:
+    """The sequence model the settings describe; with `ranker` ({"fusion": ..., "generative_weight": ...}) the
+    ranking model of pipeline.models.ranker."""
     if user_llm.dim != items.dim and not config.projection:
         raise UserError(f"the User LLM's hidden size is {user_llm.dim} but the {items.kind} embeddings have "
                         f"{items.dim} dimensions; choose a User LLM of that width (or user.init=stage-one), or set "
                         "user.projection=true")
-    model = SequenceModel(items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision,
-                          projection=config.projection, scale_inputs=config.scale_inputs,
-                          temperature=config.temperature)
+    model = (RankingModel if ranker else SequenceModel)(
+        items, user_llm, config.time_embedding, config.item_id_embedding, config.time_precision,
+        projection=config.projection, scale_inputs=config.scale_inputs, temperature=config.temperature,
+        **(ranker or {}))
     if config.gradient_checkpointing:
         if not user_llm.backbone.supports_gradient_checkpointing:
             raise ConfigError(f"user.gradient_checkpointing=true: {type(user_llm.backbone).__name__} does not "
@@ -413,9 +418,11 @@ def load_user_model(path: Path, table: torch.Tensor | None) -> tuple[SequenceMod
     items = item_source(kind, table, num_items, user_llm.dim, meta.get("adapter", False),
                         meta.get("id_scale") or 1.0, meta.get("id_width"),  # older folders: unscaled IDs
                         meta.get("id_dropout", 0.0), meta.get("id_max_norm"))
-    model = SequenceModel(items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
-                          meta.get("time_precision", "second"), projection=projection,
-                          scale_inputs=meta.get("scale_inputs", False))
+    ranker = {key: meta["ranker"][key] for key in ("fusion", "generative_weight")} if "ranker" in meta else {}
+    model = (RankingModel if ranker else SequenceModel)(
+        items, user_llm, meta.get("time_embedding", False), meta.get("item_id_embedding", False),
+        meta.get("time_precision", "second"), projection=projection, scale_inputs=meta.get("scale_inputs", False),
+        **ranker)
     load_user_head(model, path)
     return model.eval(), meta
 

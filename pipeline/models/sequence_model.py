@@ -121,6 +121,12 @@ class SequenceModel(nn.Module):
     def forward(self, batch: StepBatch, gather=None) -> NCEOutput:
         """One step's loss terms (pipeline.batches.StepBatch). `gather` concatenates every process's rows (with
         gradients) under DDP, for sources whose negatives are embedded in shares."""
+        rows = self.step_rows(batch)  # (U, D_item)
+        hidden = self.hidden_states(batch, rows, upto=-1)  # (B, L, D): inputs 0..L-1, each predicting the next
+        return self.next_item_loss(batch, rows, hidden, gather)
+
+    def step_rows(self, batch: StepBatch) -> torch.Tensor:
+        """(U, D_item) the step's distinct items as the item source embeds them."""
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
         rows = self.items(batch.item_inputs)  # (U, D_item) the step's distinct items
@@ -128,14 +134,24 @@ class SequenceModel(nn.Module):
             # every score reads the table's values, the step's own items with the fresh rows' gradient: an item
             # encoded since the table was made must not stand out from the negatives by its newness alone
             rows = self.items.negative_table[batch.row_ids] + (rows - rows.detach())
+        return rows
+
+    def hidden_states(self, batch: StepBatch, rows: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """(B, L', D) User LLM outputs over the sequence items [:upto] (upto=-1: all but the last, the next-item
+        inputs; None: all L+1, as a ranker reads them). Causal: position p has read items 0..p only."""
+        cut = slice(None, upto)
+        ids = batch.seq_ids[:, cut]  # (B, L') item_idx, left-padded with 0
+        times = batch.times[:, cut] if batch.times is not None else None  # (B, L', 6)
+        stamps = batch.stamps[:, cut] if batch.stamps is not None else None  # (B, L')
+        inputs = self.inputs(rows, batch.seq_index[:, cut], ids, times)  # (B, L', D)
+        return self.user_llm(inputs, (ids > 0).long(), stamps)
+
+    def next_item_loss(self, batch: StepBatch, rows: torch.Tensor, hidden: torch.Tensor, gather=None
+                       ) -> NCEOutput:
+        """The next-item loss of each valid position, from the outputs `hidden` (B, L, D) at inputs 0..L-1."""
         seq_ids = batch.seq_ids  # (B, L+1) item_idx, left-padded with 0
         input_ids, target_ids = seq_ids[:, :-1], seq_ids[:, 1:]  # (B, L)
-        mask = input_ids > 0  # (B, L)
-        times = batch.times[:, :-1] if batch.times is not None else None  # (B, L, 6)
-        stamps = batch.stamps[:, :-1] if batch.stamps is not None else None  # (B, L)
-        inputs = self.inputs(rows, batch.seq_index[:, :-1], input_ids, times)  # (B, L, D)
-        hidden = self.user_llm(inputs, mask.long(), stamps)  # (B, L, D)
-        valid = mask & (target_ids > 0)  # (B, L)
+        valid = (input_ids > 0) & (target_ids > 0)  # (B, L)
         valid_target_ids = target_ids[valid]  # (P,)
         if self.items.negatives_from_table:  # rows of a table the Item LLM recomputes every few steps
             negatives = self.items.negative_table[batch.negative_ids]  # (K, D_item)
