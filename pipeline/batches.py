@@ -201,7 +201,7 @@ def left_pad(histories: list[np.ndarray], width: int) -> torch.Tensor:
 def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExamples, max_len: int,
                  batch_size: int = 256) -> torch.Tensor:
     """(E, D) float32 next-item vectors (on the CPU) from each example's last max_len history items, with items
-    looked up in `table` (N+1, D) on the model's device.
+    looked up in `table` (N+1, D) on the model's device (a late-fusion ranker: its user embeddings, (E, D_user)).
 
     Users are batched by history length and each batch is padded only to its longest history (positions start
     at 0 for every user, so the amount of left padding does not change a user's vector)."""
@@ -209,7 +209,7 @@ def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExampl
     offsets = examples.history_offsets
     lengths = np.minimum(np.diff(offsets), max_len)
     order = np.argsort(lengths, kind="stable")
-    vectors = torch.zeros(len(examples), table.shape[1])
+    vectors = torch.zeros(len(examples), table.shape[1])  # a ranker's user embeddings are narrower: see below
     for start in range(0, len(examples), batch_size):
         rows = order[start:start + batch_size]
         width = max(int(lengths[rows].max()), 1)
@@ -220,5 +220,8 @@ def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExampl
             if model.time is not None:
                 times = torch.from_numpy(time_features(stamps.numpy(), model.time_precision)).to(device)
             stamps = stamps.to(device)
-        vectors[torch.from_numpy(rows)] = model.user_vectors(table, ids, times, stamps).float().cpu()
+        out = model.user_vectors(table, ids, times, stamps).float().cpu()
+        if out.shape[1] != vectors.shape[1]:
+            vectors = torch.zeros(len(examples), out.shape[1])
+        vectors[torch.from_numpy(rows)] = out
     return vectors

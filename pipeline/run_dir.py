@@ -19,7 +19,7 @@ from typing import Literal
 
 from pipeline.errors import UserError
 
-WhichUserLLM = Literal["auto", "stage-two", "stage-one"]
+WhichUserLLM = Literal["auto", "stage-two", "stage-one", "ranker-late"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,14 @@ class RunDir:
         return Path(recorded) if recorded else self.root / "data"
 
     def trained_user_llm(self, which: WhichUserLLM = "auto") -> Path:
-        """The run's User LLM folder: stage-two (user_llm/), stage-one (user_llm_stage1/) or auto (stage two's
-        where it was trained)."""
+        """The run's User LLM folder: stage-two (user_llm/), stage-one (user_llm_stage1/), auto (stage two's
+        where it was trained) or ranker-late (the late-fusion ranker, ranker-late/model/)."""
+        if which == "ranker-late":
+            path = self.root / "ranker-late" / "model"
+            if not (path / "user_llm.json").is_file():
+                raise UserError(f"{path}: no trained late-fusion ranker; run `hllm-pipeline train-ranker "
+                                f"--fusion late --run {self.root}` first")
+            return path
         if which == "stage-two" or (which == "auto" and self.user_llm.is_dir()):
             path = self.user_llm
         else:

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_text_atomic
-from pipeline.metrics import MISS, per_user_metrics
+from pipeline.metrics import MISS, auc, per_user_metrics
 from pipeline.run_dir import RunDir
 
 PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking",
@@ -97,7 +98,7 @@ def collect(inputs: list[Path]) -> tuple[list[Entry], list[Curve]]:
         if not path.is_dir():
             raise UserError(f"{path}: no such run folder or eval report")
         reports = sorted(RunDir(path).reports.glob("eval-*.json"))
-        if not reports:
+        if not reports and not any(RunDir(path).reports.glob("ranking-*.json")):
             raise UserError(f"{path}: no eval report under {path / 'reports'}; run `hllm-pipeline eval --run {path}`")
         newest: dict[tuple, Entry] = {}
         for report_path in sorted(reports, key=_report_order):  # the newest of each protocol and model wins
@@ -313,7 +314,8 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
     if out.suffix != ".md":
         raise UserError(f"--out {out}: the report is a Markdown file; give a path ending in .md")
     entries, curves = collect(inputs)
-    if baseline is not None and _baseline_of(entries, baseline) is None:
+    rankings = collect_rankings(inputs)
+    if baseline is not None and entries and _baseline_of(entries, baseline) is None:
         names = ", ".join(sorted({e.run for e in entries}))
         raise UserError(f"--baseline {baseline}: no run of that name with a trained model's eval report; the runs "
                         f"are: {names}")
@@ -324,7 +326,8 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
     by_run = {c.folder: c for c in curves}
     base = out.parent
     base.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."]
+    lines = [f"# {title}", "", f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."
+             + (f" {len(rankings)} ranking evaluation(s)." if rankings else "")]
     if len(ordered) > 1:
         lines += ["", f"**These evaluations were made under {len(ordered)} different protocols; their numbers are "
                   f"not comparable across tables.** They differ in: {_differences(ordered)}."]
@@ -341,6 +344,9 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
             if "targets" in reference.report:
                 lines += [""] + _paired_table(group, reference, new_only=True)
         lines += ["", f"![metrics at each K]({plot.name})", "", "Protocol card:", ""] + _card(group[0].report)
+    if rankings:
+        lines += ranking_section(rankings, base)
+    curves = [c for c in curves if "ndcg@10" in c.valid[0]]  # a ranker's curve (AUC) is in its ranking table
     if curves:
         plot = out.with_name(f"{out.stem}-validation.png")
         _plot_curves(curves, plot)
@@ -356,3 +362,67 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
     write_text_atomic(out, "\n".join(lines) + "\n")
     log(f"report written to {out} ({len(entries)} evaluation(s), {len(ordered)} protocol(s))")
     return out
+
+
+# ---- rankers (`eval --task ranking`): AUC, GAUC, log loss
+
+
+def collect_rankings(inputs: list[Path]) -> list[Entry]:
+    """The newest ranking report of each model in the run folders (or the ranking report files named)."""
+    newest: dict[tuple, Entry] = {}
+    for path in inputs:
+        path = path.resolve()
+        files = [path] if path.is_file() and path.name.startswith("ranking-") else \
+            sorted(RunDir(path).reports.glob("ranking-*.json"), key=_report_order) if path.is_dir() else []
+        for file in files:
+            report = json.loads(file.read_text())
+            p = report["protocol"]
+            key = (p["data"], p["split"], p["holdout"], p["label"], p["model"]["name"], p["model"].get("fingerprint"))
+            newest[key] = Entry(path if path.is_dir() else path.parent.parent, file, report)
+    return list(newest.values())
+
+
+def _scores_path(report_path: Path) -> Path:
+    """Where eval wrote a ranking report's per-example scores (ranking-X.json -> scores-X.parquet, same folder)."""
+    return report_path.with_name("scores-" + report_path.name.removeprefix("ranking-")).with_suffix(".parquet")
+
+
+def _user_aucs(entry: Entry) -> dict[int, float]:
+    """Each user's AUC over their examples (users with both labels), from the report's per-example scores."""
+    frame = pl.read_parquet(_scores_path(entry.path))
+    out = {}
+    for (user,), rows in frame.group_by("user_idx"):
+        labels = rows["label"].to_numpy()
+        if 0 < labels.sum() < len(labels):
+            out[int(user)] = auc(rows["score"].to_numpy(), labels)
+    return out
+
+
+def ranking_section(entries: list[Entry], base: Path) -> list[str]:
+    """The rankers' table, and each model's paired per-user AUC difference against the generative score."""
+    lines = ["", "## Ranking", "", "| run | model | AUC | GAUC | log loss | examples | users in GAUC | report |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        m = e.report["metrics"]
+        link = Path(os.path.relpath(e.path.resolve(), base.resolve())).as_posix()
+        loss = f"{m['log_loss']:.4f}" if "log_loss" in m else "—"
+        lines.append(f"| {e.run} | {e.report['protocol']['model']['name']} | {m['auc']:.4f} | {m['gauc']:.4f} | "
+                     f"{loss} | {m['examples']:,} | {m['gauc_users']:,} | [json]({link}) |")
+    reference = next((e for e in entries if e.report["protocol"]["model"].get("fusion") == "none"
+                      and _scores_path(e.path).is_file()), None)
+    if reference is not None:
+        ref = _user_aucs(reference)
+        lines += ["", f"Paired against {reference.report['protocol']['model']['name']} (no fusion): each user's AUC "
+                  "minus the baseline's on the same examples, mean ± standard error over the users with both labels; "
+                  "a gap within about two standard errors is not one.", "", "| model | Δ user AUC | users |",
+                  "|---|---|---|"]
+        for e in entries:
+            if e is reference or not _scores_path(e.path).is_file():
+                continue
+            mine = _user_aucs(e)
+            diffs = np.array([mine[u] - ref[u] for u in mine if u in ref])
+            if len(diffs) > 1:
+                lines.append(f"| {e.report['protocol']['model']['name']} | {diffs.mean():+.4f} ± "
+                             f"{diffs.std(ddof=1) / np.sqrt(len(diffs)):.4f} | {len(diffs):,} |")
+    card = {k: v for k, v in entries[0].report["protocol"].items() if k != "model"}
+    return lines + ["", "Protocol card:", ""] + [f"- {k}: {v}" for k, v in card.items()]

@@ -78,8 +78,10 @@ class RefreshUsersConfig:
     seconds) columns. Unknown items are set aside in rejected.parquet with the reason."""
     data: Path | None = None
     """Canonical tables of the run; null: the folder its stages recorded, else run/data."""
-    user_llm: Literal["auto", "stage-two", "stage-one"] = "auto"
-    """Which User LLM: stage-two, stage-one, auto (stage two where it was trained)."""
+    user_llm: Literal["auto", "stage-two", "stage-one", "ranker-late"] = "auto"
+    """Which User LLM: stage-two, stage-one, auto (stage two where it was trained), or ranker-late: the
+    late-fusion ranker's user embeddings (what its head reads, not normalised; for downstream models), into
+    run/ranker-late/users/ instead of run/users/."""
     max_len: int | None = None
     """History items read per user; null: the length the User LLM was trained with."""
     wait: float = 0
@@ -169,7 +171,8 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
     started = time.perf_counter()
     since = parse_since(config.since) if config.since is not None else None
     data = RunDir(config.run).data(config.data)
-    base = RunDir(config.run).users
+    ranker = config.user_llm == "ranker-late"
+    base = RunDir(config.run).trained_user_llm("ranker-late").parent / "users" if ranker else RunDir(config.run).users
     device = device_of(config.device)
     state = distributed_state(device)  # under torchrun: each process computes a share of the vectors
     log = log if state.is_main_process else (lambda _: None)
@@ -205,10 +208,12 @@ def run_users(config: RefreshUsersConfig, log=print) -> dict:
                    "carried": int((~active).sum()), "rejected_rows": rejected.height if rejected is not None else 0}
         chosen = np.flatnonzero(active)
         log(f"user vectors: {len(chosen):,} users with histories of up to {max_len} items")
-        vectors = torch.zeros(histories.height, table.shape[1])
-        vectors[torch.from_numpy(chosen)] = _compute_vectors(model, table, histories, chosen, max_len, state)
+        width = model.user_llm.dim if ranker else table.shape[1]  # a ranker's user embeddings: its width
+        vectors = torch.zeros(histories.height, width)
+        vectors[torch.from_numpy(chosen)] = _compute_vectors(model, table, histories, chosen, max_len, state, width,
+                                                             normalised=not ranker)
         manifest = {"inputs": inputs, "parent": parent, "version": version, "user_llm": path.name,
-                    "max_len": max_len, "dim": int(table.shape[1]),
+                    "max_len": max_len, "dim": int(width), "normalised": not ranker,
                     "since_iso": datetime.fromtimestamp(since, UTC).isoformat() if since else None,
                     **{k: summary[k] for k in ("users", "refreshed", "carried", "rejected_rows")}}
         on_main(state, lambda: _write_version(base, version, vectors, histories, active, previous, added, rejected,
@@ -251,17 +256,17 @@ def _active_users(histories: pl.DataFrame, previous, inputs: dict, since: int | 
 
 
 def _compute_vectors(model, table: torch.Tensor, histories: pl.DataFrame, chosen: np.ndarray, max_len: int,
-                     state) -> torch.Tensor:
-    """The normalised vectors of the `chosen` users (rows of `histories`), each process a share, gathered."""
+                     state, width: int, normalised: bool = True) -> torch.Tensor:
+    """The (normalised) vectors of the `chosen` users (rows of `histories`), each process a share, gathered."""
     from tqdm import tqdm
 
     mine = chosen[my_share(len(chosen), state)]
-    computed = np.zeros((len(mine), table.shape[1]), dtype=np.float32)
+    computed = np.zeros((len(mine), width), dtype=np.float32)
     with tqdm(total=len(mine), unit="user", desc="user vectors", disable=None if state.is_main_process
               else True) as bar:
         for start in range(0, len(mine), 4096):
             raw = user_vectors(model, table, _examples(histories[mine[start:start + 4096]]), max_len)
-            computed[start:start + 4096] = normalise(raw)
+            computed[start:start + 4096] = normalise(raw) if normalised else raw.numpy()
             bar.update(min(4096, len(mine) - start))
     return torch.from_numpy(gather_rows(computed, state))
 

@@ -108,6 +108,18 @@ def test_both_fusions_learn_the_planted_fixture_and_beat_the_generative_score(ta
                    f"data={taste['data']}", "device=cpu")
     popularity = json.loads(Path(done.stdout.splitlines()[-1].split()[1]).read_text())["metrics"]
     assert abs(popularity["auc"] - 0.5) < 0.08 and "log_loss" not in popularity
+    # the comparison page: a ranking table, and each fusion paired against the generative score per user
+    for fusion in ("late", "none"):
+        done = run_cli("eval", "--task", "ranking", "--fusion", fusion, "--run", str(taste["run"]),
+                       f"data={taste['data']}", "--per-user-ranks", "device=cpu")
+        assert done.returncode == 0, done.stderr[-2000:]
+    done = run_cli("report", str(taste["run"]), "--out", str(taste["run"] / "page.md"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = (taste["run"] / "page.md").read_text()
+    assert "## Ranking" in page and "Paired against hllm (ranker (none fusion))" in page
+    row = next(line for line in page.splitlines() if line.startswith("| hllm (ranker (early fusion)) | +"))
+    assert float(row.split("|")[2].split("±")[0]) > 0.1, row  # early fusion's users gain over the baseline
+    assert f"| {scores['early']:.4f} |" in page
 
 
 def test_late_fusion_user_embeddings_do_not_depend_on_the_candidate(taste, tmp_path):
@@ -133,6 +145,21 @@ def test_late_fusion_user_embeddings_do_not_depend_on_the_candidate(taste, tmp_p
         assert torch.allclose(head, logits[-1], atol=1e-5)
     assert all(torch.allclose(users[0], u, atol=1e-6) for u in users[1:])
     assert len({round(float(v), 5) for v in logits}) == 3  # the candidates are told apart
+    # `refresh users` exports them (unnormalised, the ranker's width) into ranker-late/users/, once per user
+    done = run_cli("refresh", "users", "--all", "--run", str(case["run"]), f"data={case['data']}",
+                   "user_llm=ranker-late", "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    store = case["run"] / "ranker-late" / "users"
+    version = store / (store / "CURRENT").read_text().strip()
+    vectors = load_file(version / "vectors.safetensors")["embedding"]
+    exported = pl.read_parquet(version / "users.parquet")
+    row = exported["user_id"].to_list().index("u7")
+    seen = torch.tensor([exported["seen"][row].to_list()[-16:]])
+    assert vectors.shape == (300, model.user_llm.dim)
+    assert torch.allclose(vectors[row], model.user_vectors(table, seen)[0], atol=1e-5)
+    assert not (case["run"] / "users").exists()  # the next-item store is untouched
 
 
 def test_a_resumed_ranker_trains_exactly_as_an_uninterrupted_one(taste, tmp_path, monkeypatch):
