@@ -95,8 +95,7 @@ def example_logits(model, examples: HeldOut, max_len: int, batch_size: int = 256
     starts = np.maximum(seqs.offsets[users], seqs.offsets[users + 1] - (max_len + 1))
     stops = seqs.offsets[users + 1]
     out = np.full(len(examples), np.nan)
-    where = {int(u): i for i, u in enumerate(users)}
-    example_row = np.array([where[int(u)] for u in examples.users], dtype=np.int64)
+    example_row = np.searchsorted(users, examples.users)  # each example's user, as a row of `users`
     for lo in range(0, len(users), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(users)))
         width = int((stops[rows] - starts[rows]).max())

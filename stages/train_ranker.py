@@ -74,8 +74,9 @@ class TrainRankerConfig:
     """Continue from ranker-<fusion>/train/state.pt when it exists and was made with the same settings."""
 
     def __post_init__(self) -> None:
-        if self.holdout < 1:
-            raise ConfigError(f"holdout={self.holdout}: must be >= 1 (1 is the leave-one-out split)")
+        if not 1 <= self.holdout <= self.train.max_len:
+            raise ConfigError(f"holdout={self.holdout}: must be >= 1 (1 is the leave-one-out split) and at most "
+                              f"train.max_len={self.train.max_len} (a user's held-out examples are read in one pass)")
         if self.generative_weight < 0:
             raise ConfigError(f"generative_weight={self.generative_weight}: must be >= 0 (0 turns it off)")
         if self.negative_ratio < 1:

@@ -193,6 +193,7 @@ def test_a_resumed_ranker_trains_exactly_as_an_uninterrupted_one(taste, tmp_path
 @pytest.mark.parametrize("args, message", [
     (["fusion=middle"], "fusion: got 'middle'; expected one of early, late, none"),
     (["holdout=0"], "holdout=0: must be >= 1"),
+    (["holdout=80", "train.max_len=50"], "at most train.max_len=50"),
     (["generative_weight=-1"], "generative_weight=-1.0: must be >= 0"),
     (["train.early_stopping_metric=ndcg@10"], "a ranker picks its best epoch by auc or gauc"),
     (["labels=nowhere.csv"], "labels=nowhere.csv: use rating, sampled, or the path of a labelled file"),
