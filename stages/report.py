@@ -326,8 +326,9 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
     by_run = {c.folder: c for c in curves}
     base = out.parent
     base.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."
-             + (f" {len(rankings)} ranking evaluation(s)." if rankings else "")]
+    counts = [f"{len(entries)} evaluation(s) of {len({e.run for e in entries})} run(s)."] if entries else []
+    counts += [f"{len(rankings)} ranking evaluation(s)."] if rankings else []
+    lines = [f"# {title}", "", " ".join(counts)]
     if len(ordered) > 1:
         lines += ["", f"**These evaluations were made under {len(ordered)} different protocols; their numbers are "
                   f"not comparable across tables.** They differ in: {_differences(ordered)}."]
