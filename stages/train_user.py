@@ -53,6 +53,11 @@ class TrainUserConfig:
     """items=cached+id: the longest an item's ID vector may be (in the cached embeddings' units; they have length
     1): each item is its frozen text embedding plus a learned offset of at most this length, 0 for a new item.
     null: unbounded."""
+    new_item_embeddings: str | None = None
+    """With a new-item split and cached embeddings: an embeddings version under run/embeddings/ that holds the
+    new items (the one `refresh items` made from their text); their rows are used by validation only, so settings
+    can be chosen on new-item validation targets. Training never reads a new item's row (tested: the same
+    losses with and without). null: new items have no row until a refresh, and their validation is 0."""
     adapter: bool = False
     """A small trainable residual MLP on the cached embeddings (inputs, targets and negatives)."""
     user: UserModelConfig = UserModelConfig(init="stage-one")
@@ -74,6 +79,9 @@ class TrainUserConfig:
         if self.id_max_norm is not None and (self.items != "cached+id" or self.id_max_norm <= 0):
             raise ConfigError(f"id_max_norm={self.id_max_norm}: a positive length for items=cached+id "
                               f"(items={self.items}); null: unbounded")
+        if self.new_item_embeddings is not None and "cached" not in self.items:
+            raise ConfigError(f"new_item_embeddings={self.new_item_embeddings}: only a model that reads cached "
+                              f"embeddings has rows to fill (items={self.items}); set it to null")
         if self.id_width is not None and (self.items != "cached+id" or self.id_width < 1):
             raise ConfigError(f"id_width={self.id_width}: a positive width for items=cached+id (items={self.items}); "
                               "set id_width=null otherwise")
@@ -99,6 +107,22 @@ def build_model(config: TrainUserConfig, table: torch.Tensor | None, num_items: 
     return model
 
 
+def _fill_new_item_rows(model: SequenceModel, config: TrainUserConfig, new_items, log=print) -> None:
+    """Give the held-out new items their rows from another embeddings version, for validation (after the model
+    is built: nothing it derives from the training table, such as the ID scale, sees them)."""
+    if not len(new_items):
+        raise ConfigError(f"new_item_embeddings={config.new_item_embeddings}: {config.data} has no new-item split; "
+                          "set it to null")
+    loaded = load_embeddings(version_root(config.run, config.new_item_embeddings))
+    ids = torch.from_numpy(new_items.astype("int64"))
+    present = ids[ids < loaded.present.shape[0]]
+    present = present[loaded.present[present]]
+    cached = next(m for m in model.items.modules() if isinstance(m, build.CachedItems))
+    with torch.no_grad():
+        cached.cached[present] = loaded.embeddings[present].float().to(cached.cached.device)
+    log(f"validation: {len(present):,} of {len(new_items):,} new items embedded from {config.new_item_embeddings}")
+
+
 def run(config: TrainUserConfig, log=print) -> Path:
     """Stage two: train the User LLM on its item source; returns run/user_llm."""
     seqs = UserSequences.load(config.data)
@@ -115,13 +139,15 @@ def run(config: TrainUserConfig, log=print) -> Path:
     device = device_of(config.device)
     model = build_model(config, table, seqs.num_items, log=log).to(device)
     build.zero_item_id_rows(model, seqs.new_items)  # held-out new items: no ID row is ever learned
+    if config.new_item_embeddings is not None:
+        _fill_new_item_rows(model, config, seqs.new_items, log)
     run_dir = RunDir(config.run).stage2
     run_dir.mkdir(parents=True, exist_ok=True)
     state = distributed_state(device)
     model_identity = {"user": cfg.to_dict(config.user), "adapter": config.adapter, "items": config.items}
     if config.id_width is not None:  # only where set: runs made before the setting existed still resume
         model_identity["id_width"] = config.id_width
-    for name in ("id_dropout", "id_max_norm"):  # only where set, as id_width
+    for name in ("id_dropout", "id_max_norm", "new_item_embeddings"):  # only where set, as id_width
         if getattr(config, name):
             model_identity[name] = getattr(config, name)
     identity = {"model": model_identity,

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.slow  # trains models: the full tier (make test), not m
 NEW = [35, 36, 37, 38, 39]
 
 
-def make_genre_data(root: Path, *extra: str) -> Path:
+def make_genre_data(root: Path, *extra: str, new_target: str = "test") -> Path:
+    """new_target=valid: even users meet one more older item of their genre after the new one, which makes the new
+    item their validation target."""
     rng = np.random.default_rng(0)
     rows = ["item_id,user_id,timestamp"]
     for u in range(100):
@@ -42,6 +44,8 @@ def make_genre_data(root: Path, *extra: str) -> Path:
         warm = rng.permutation([k for k in range(35) if k % 5 == genre])  # the genre's 7 older items
         if u % 2 == 0:
             events = [(k, 1000 + t) for t, k in enumerate(warm)] + [(35 + genre, 5000)]
+            if new_target == "valid":
+                events = [(k, 1000 + t) for t, k in enumerate(warm[1:])] + [(35 + genre, 5000), (warm[0], 5001)]
         else:
             events = [(k, 1000 + t) for t, k in enumerate(warm[:4])] + [(35 + genre, 5000)] + \
                      [(k, 5001 + t) for t, k in enumerate(warm[4:])]
@@ -241,3 +245,34 @@ def test_a_text_and_id_model_with_id_dropout_scores_new_items_with_its_unknown_r
     assert not id_part.embedding.weight[new_idx].any()  # never trained
     unknown = id_part.unknown * id_part.scale
     assert torch.allclose(id_part({"ids": new_idx}), unknown.expand(5, -1))
+
+
+def test_new_item_rows_from_a_refreshed_version_serve_validation_and_change_no_training_step(tmp_path):
+    """Stage two with new_item_embeddings: the new items get their text rows for validation, so their validation
+    targets are scored; the training steps are the same as without (nothing in training reads a new item)."""
+    data = make_genre_data(tmp_path, "new_items_after=3000", new_target="valid")
+    stats = json.loads((data / "stats.json").read_text())["split"]["new_items"]
+    assert stats["new_item_targets"] == {"valid": 50, "test": 0}
+    model = make_tiny_item_model(tmp_path / "tiny-bert", "bert", hidden=64)
+    stage_one.run(cfg.load(stage_one.EmbedItemsConfig, None, [
+        f"data={data}", f"out={tmp_path / 'run'}", f"item.model={model}", "item.pooling=mean", "user.name=llama-tiny",
+        "item.max_text_tokens=16", "finetune=false", "device=cpu"]), log=quiet)
+    warm_only = (tmp_path / "run" / "embeddings" / "CURRENT").read_text().strip()
+    done = run_cli("refresh", "items", "--catalog", str(tmp_path / "raw" / "items.csv"), "--run",
+                   str(tmp_path / "run"), "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    every_item = (tmp_path / "run" / "embeddings" / "CURRENT").read_text().strip()
+    case = {"data": data, "run": tmp_path / "run"}
+    logs = {}
+    for name, extra in (("without", ()), ("with", (f"new_item_embeddings={every_item}",))):
+        run = tmp_path / name
+        stage_two.run(stage_two_settings(case, run, "items=cached+id", "id_dropout=0.3", f"embeddings={warm_only}",
+                                         "train.epochs=4", "train.log_every=1", *extra), log=quiet)
+        logs[name] = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    steps = {name: [(r["step"], r["loss"]) for r in lines if "loss" in r] for name, lines in logs.items()}
+    assert steps["with"] == steps["without"] and len(steps["with"]) >= 4
+    valid = {name: [r["valid"]["new"] for r in lines if "valid" in r] for name, lines in logs.items()}
+    assert all(v["targets"] == 50 and v["ndcg@10"] == 0 for v in valid["without"])  # no row: never ranked
+    assert max(v["recall@10"] for v in valid["with"]) > 0.5, valid["with"]  # the genre's new item, by its text
+    with pytest.raises(ConfigError, match="only a model that reads cached embeddings"):
+        stage_two_settings(case, tmp_path / "ids", "items=id", f"new_item_embeddings={every_item}")
