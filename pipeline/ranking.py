@@ -1,13 +1,18 @@
-"""The rankers' data and scoring: labelled sequences, the hold-out split, and logits of held-out examples.
+"""The rankers' data and scoring: labels, the hold-out split, and the logits of held-out examples.
 
-Labels: each interaction of the canonical tables gets 1, 0 or -1 (no label): from its rating (label = rating >=
-a threshold; MovieLens keeps ratings 1-5) or from a labelled file of (user_id, item_id, timestamp, label) rows
-matched to the interactions. The split keeps the project's order by time: each user's last `holdout` labelled or
-unlabelled interactions are the test examples, the `holdout` before them the validation examples, everything
-earlier is training (holdout=1 is the leave-one-out split of next-item evaluation; more gives every user several
-test examples, so that a per-user AUC exists). An example's history is every interaction before it (the last
-max_len + 1 items of the sequence up to the split's end are read at once, so the earliest of a user's `holdout`
-examples sees holdout - 1 fewer history items).
+Two kinds of labelled data (RankingData):
+  ratings       every interaction is an example with label = rating >= a threshold (MovieLens keeps ratings
+                1-5); a user's sequence holds their examples, so one causal pass scores all of them
+                (example_logits);
+  appended      (user, time, candidate, label) examples whose candidate need not be an interaction: the rows of
+                a labelled file (e.g. impressions), or every interaction with sampled negatives beside it; each is
+                scored with its candidate appended to the user's interactions strictly before its time
+                (appended_logits, also the reference path the one-pass scoring is tested against).
+The split keeps the order by time: each user's last `holdout` examples (events: a positive and its sampled
+negatives are one) are the test set, the `holdout` before them validation, everything earlier training
+(holdout=1 is next-item evaluation's leave-one-out split; more gives every user several test examples, so that a
+per-user AUC exists). In one-pass scoring the last max_len + 1 items up to the split's end are read at once, so the
+earliest of a user's held-out examples sees holdout - 1 fewer history items.
 """
 
 from __future__ import annotations

@@ -361,7 +361,8 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
                          f"({c.epochs[best['ndcg@10']]}) | {c.valid[best['recall@10']]['recall@10']:.4f} "
                          f"({c.epochs[best['recall@10']]}) | {_minutes(c.wall_seconds)} |")
     write_text_atomic(out, "\n".join(lines) + "\n")
-    log(f"report written to {out} ({len(entries)} evaluation(s), {len(ordered)} protocol(s))")
+    ranked = f", {len(rankings)} ranking evaluation(s)" if rankings else ""
+    log(f"report written to {out} ({len(entries)} evaluation(s), {len(ordered)} protocol(s){ranked})")
     return out
 
 
@@ -413,9 +414,10 @@ def ranking_section(entries: list[Entry], base: Path) -> list[str]:
                       and _scores_path(e.path).is_file()), None)
     if reference is not None:
         ref = _user_aucs(reference)
-        lines += ["", f"Paired against {reference.report['protocol']['model']['name']} (no fusion): each user's AUC "
-                  "minus the baseline's on the same examples, mean ± standard error over the users with both labels; "
-                  "a gap within about two standard errors is not one.", "", "| model | Δ user AUC | users |",
+        name = reference.report["protocol"]["model"]["name"]
+        lines += ["", f"Paired against {name}, the generative score: each user's AUC minus the baseline's on the "
+                  "same examples, mean ± standard error over the users with both labels; a gap within about two "
+                  "standard errors is not one.", "", "| model | Δ user AUC | users |",
                   "|---|---|---|"]
         for e in entries:
             if e is reference or not _scores_path(e.path).is_file():

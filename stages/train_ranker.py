@@ -122,7 +122,8 @@ def run(config: TrainRankerConfig, log=print) -> Path:
                            "file": sha256_file(Path(config.labels)) if Path(config.labels).is_file() else None},
                 "embeddings": read_manifest(root)["shards"] if root else None,
                 "interactions": sha256_file(config.data / "interactions.parquet")}
-    meta = {"source": f"ranker ({config.fusion} fusion)", "model": "hllm" if root else config.user.name,
+    fusion = "no fusion" if config.fusion == "none" else f"{config.fusion} fusion"
+    meta = {"source": f"ranker, {fusion}", "model": "hllm" if root else config.user.name,
             "embeddings": str(root) if root else None, "init": config.user.init, "max_len": config.train.max_len,
             "ranker": {**ranker, "holdout": config.holdout, "labels": config.labels,
                        "label_threshold": config.label_threshold, "negative_ratio": config.negative_ratio,

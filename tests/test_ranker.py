@@ -116,8 +116,8 @@ def test_both_fusions_learn_the_planted_fixture_and_beat_the_generative_score(ta
     done = run_cli("report", str(taste["run"]), "--out", str(taste["run"] / "page.md"))
     assert done.returncode == 0, done.stderr[-2000:]
     page = (taste["run"] / "page.md").read_text()
-    assert "## Ranking" in page and "Paired against hllm (ranker (none fusion))" in page
-    row = next(line for line in page.splitlines() if line.startswith("| hllm (ranker (early fusion)) | +"))
+    assert "## Ranking" in page and "Paired against hllm (ranker, no fusion)" in page
+    row = next(line for line in page.splitlines() if line.startswith("| hllm (ranker, early fusion) | +"))
     assert float(row.split("|")[2].split("±")[0]) > 0.1, row  # early fusion's users gain over the baseline
     assert f"| {scores['early']:.4f} |" in page
 
