@@ -299,10 +299,10 @@ def test_hstu_bias_lookup_gradient_matches_plain_indexing():
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "stages" / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path, tmp_path):
-    from stages import embed_items, prepare
+    from stages import embed_items, prepare, train_ranker
 
-    kind = {"data": prepare.PrepareConfig, "embed": embed_items.EmbedItemsConfig}.get(path.name.split("-")[0],
-                                                                                      stage_two.TrainUserConfig)
+    kind = {"data": prepare.PrepareConfig, "embed": embed_items.EmbedItemsConfig,
+            "ranker": train_ranker.TrainRankerConfig}.get(path.name.split("-")[0], stage_two.TrainUserConfig)
     conf = cfg.load(kind, path, [f"source={tmp_path}"] if kind is prepare.PrepareConfig else [])
     if kind is stage_two.TrainUserConfig and conf.items == "id":  # the ID baselines: checkable without data
         assert conf.user.init == "scratch" and conf.train.early_stopping_metric == "ndcg@10"
