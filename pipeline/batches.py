@@ -70,6 +70,7 @@ class ExampleBatches(SequenceBatches):
         self.seqs, self.windows, self.max_len = seqs, examples, max_len
         self.batch_size, self.seed, self.width = batch_size, seed, max_len + 1
         self.labelled = True
+        self._last: tuple = (None, None)  # the last batch built: (its key, its ids and timestamps)
 
     def item_ids(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
         return self._appended(epoch, index, rank, world)[0]
@@ -84,9 +85,13 @@ class ExampleBatches(SequenceBatches):
         return out
 
     def _appended(self, epoch: int, index: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids and timestamps of a batch, built once for the step's two calls (item_ids, timestamps)."""
         from pipeline.ranking import appended_rows
 
-        return appended_rows(self.seqs, self.windows, self._picks(epoch, index, rank, world), self.max_len)
+        key = (epoch, index, rank, world)
+        if self._last[0] != key:
+            self._last = (key, appended_rows(self.seqs, self.windows, self._picks(*key), self.max_len))
+        return self._last[1]
 
 
 def sample_negatives(pool: np.ndarray, count: int, seed: int, step: int, micro: int) -> np.ndarray:

@@ -120,14 +120,20 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
-def gauc(users: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """Group AUC: each user's AUC over their own examples, averaged over the users that have both labels (each
-    user counts once); and how many users that is. NaN when none has."""
+def user_aucs(users: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Each user's AUC over their own examples, for the users that have both labels."""
     users, scores, labels = np.asarray(users), np.asarray(scores), np.asarray(labels)
     order = np.argsort(users, kind="stable")
     bounds = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1], True])
-    values = [auc(scores[order[lo:hi]], labels[order[lo:hi]]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    values = [v for v in values if not math.isnan(v)]
+    values = {int(users[order[lo]]): auc(scores[order[lo:hi]], labels[order[lo:hi]])
+              for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)}
+    return {user: value for user, value in values.items() if not math.isnan(value)}
+
+
+def gauc(users: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Group AUC: each user's AUC over their own examples, averaged over the users that have both labels (each
+    user counts once); and how many users that is. NaN when none has."""
+    values = list(user_aucs(users, scores, labels).values())
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 

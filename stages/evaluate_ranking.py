@@ -19,7 +19,7 @@ import polars as pl
 from pipeline.embeddings.store import load_embeddings, version_root
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, folder_sha256, write_json_atomic, write_text_atomic
-from pipeline.metrics import auc, gauc, ranking_metrics
+from pipeline.metrics import ranking_metrics
 from pipeline.models import build
 from pipeline.ranking import ranking_data
 from pipeline.run_dir import RunDir
@@ -44,10 +44,8 @@ def run(config, log=print) -> dict:
     max_len = config.max_len or int(meta.get("max_len", 50))
     if config.model == "popularity":
         scores = source.popularity(examples)
-        value, users = gauc(examples.users, scores, examples.labels)
-        metrics = {"auc": auc(scores, examples.labels), "gauc": value, "gauc_users": users,
-                   "examples": len(examples), "positives": int(examples.labels.sum()),
-                   "users": int(len(np.unique(examples.users)))}
+        metrics = ranking_metrics(examples.users, scores, examples.labels)
+        del metrics["log_loss"]  # a count is no probability
         model_card = {"name": "popularity", "scores": "log(1 + training count of the candidate)"}
     elif config.model == "hllm":
         table = None

@@ -23,7 +23,7 @@ import polars as pl
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_text_atomic
-from pipeline.metrics import MISS, auc, per_user_metrics
+from pipeline.metrics import MISS, per_user_metrics, user_aucs
 from pipeline.run_dir import RunDir
 
 PROTOCOL_KEYS = ("dataset", "items", "split", "mask_history", "window", "candidates", "candidate_items", "ranking",
@@ -392,12 +392,7 @@ def _scores_path(report_path: Path) -> Path:
 def _user_aucs(entry: Entry) -> dict[int, float]:
     """Each user's AUC over their examples (users with both labels), from the report's per-example scores."""
     frame = pl.read_parquet(_scores_path(entry.path))
-    out = {}
-    for (user,), rows in frame.group_by("user_idx"):
-        labels = rows["label"].to_numpy()
-        if 0 < labels.sum() < len(labels):
-            out[int(user)] = auc(rows["score"].to_numpy(), labels)
-    return out
+    return user_aucs(frame["user_idx"].to_numpy(), frame["score"].to_numpy(), frame["label"].to_numpy())
 
 
 def ranking_section(entries: list[Entry], base: Path) -> list[str]:
