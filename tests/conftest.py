@@ -13,6 +13,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (make test runs one worker per core), each worker and the CLI processes it starts get an
+    equal share of the cores: torch's default of one thread per core in every worker would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory) -> dict:
     """Planted data (users walk items 1 -> 2 -> ...) and a cached embedding version of random, distinct vectors,
