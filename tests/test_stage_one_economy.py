@@ -241,6 +241,7 @@ def test_stage_one_benchmark_times_every_path_and_writes_json(planted, tmp_path)
     assert json.loads((tmp_path / "b.json").read_text()) == result and result["complete"]
     rows = {(r["path"], r["negatives"]): r for r in result["results"]}
     assert rows.keys() == {(p, n) for p in STAGE_ONE_PATHS for n in (16, 40)}
+    assert "about 20 GB" in rows.pop(("lora-r8", 40))["skipped"]  # LoRA over a whole catalogue: not run
     for (path, n), row in rows.items():
         assert row["seconds_per_step"] > 0 and row["train_flops_per_s"] > 0
         assert (row["table_refresh_seconds"] is not None) == ("table" in path)
