@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,16 @@ class RunDir:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    def report_stamp(self, prefix: str) -> str:
+        """A timestamp that no reports/<prefix>-<stamp>.json holds yet (the reports folder is created)."""
+        self.reports.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        name, n = stamp, 1
+        while (self.reports / f"{prefix}-{name}.json").exists():
+            n += 1
+            name = f"{stamp}-{n}"
+        return name
 
     def data(self, given: Path | None = None) -> Path:
         """The canonical tables of the run: `given`, else those stage one recorded, else run/data."""

@@ -163,15 +163,6 @@ def make_searcher(config: EvalConfig, items: np.ndarray, index_folder: Path, dev
     return searcher, card
 
 
-def _report_stamp(reports: Path) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name, n = stamp, 1
-    while (reports / f"eval-{name}.json").exists():
-        n += 1
-        name = f"{stamp}-{n}"
-    return name
-
-
 def format_table(report: dict) -> str:
     """The metrics as a terminal table, with the protocol line above it."""
     p = report["protocol"]
@@ -353,8 +344,7 @@ def _model_card(meta: dict, path: Path, max_len: int, root: Path | None) -> dict
 def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,
                   timings: dict, started: float, new_items: np.ndarray) -> dict:
     """reports/eval-<stamp>.json and .md (and the per-user ranks), each written atomically."""
-    reports = RunDir(config.run).reports
-    stamp = _report_stamp(reports)
+    reports, stamp = RunDir(config.run).reports, RunDir(config.run).report_stamp("eval")
     report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
               "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
               "ranks_file": None}

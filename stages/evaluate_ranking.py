@@ -73,11 +73,7 @@ def run(config, log=print) -> dict:
 
 
 def _write(config, protocol: dict, metrics: dict, examples, scores: np.ndarray, started: float) -> dict:
-    reports = RunDir(config.run).reports
-    reports.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    while (reports / f"ranking-{stamp}.json").exists():
-        stamp += "-2"
+    reports, stamp = RunDir(config.run).reports, RunDir(config.run).report_stamp("ranking")
     report = {"created": datetime.now().isoformat(timespec="seconds"), "task": "ranking", "metrics": metrics,
               "protocol": protocol, "scores_file": None}
     if config.per_user_ranks:
