@@ -482,13 +482,6 @@ STAGE_ONE_PATHS = {
 of the step, each shared negative included, through the whole Item LLM with gradients."""
 
 
-def _item_weights_run(item_llm) -> int:
-    """Weights a training token passes through (embedding tables excluded): the trained top layers with partial
-    depth (the lower layers' outputs are read from disk), otherwise every layer (LoRA: the wrapped layers too)."""
-    scope = item_llm.split.blocks[item_llm.split.cut:] if item_llm.train_layers is not None else item_llm.backbone
-    return sum(p.numel() for n, p in scope.named_parameters() if "embed" not in n and ".lora_" not in n)
-
-
 def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...] = (512, 0), batch_size: int = 128,
                     max_len: int = 50, steps: int = 2, refresh_every: int = 5, paths: tuple[str, ...] = (),
                     log=print) -> dict:
@@ -558,7 +551,7 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
             seconds = float(np.mean(times))
             items_per_step, tokens, positions = (float(np.mean(w)) for w in zip(*work, strict=True))
             user_weights = sum(p.numel() for n, p in seq_model.user_llm.named_parameters() if "embed" not in n)
-            flops = 6 * (_item_weights_run(seq_model.items.item_llm) * tokens + user_weights * positions)
+            flops = 6 * (seq_model.items.item_llm.weights_per_token() * tokens + user_weights * positions)
             amortized = seconds + (refresh_s / refresh_every if refresh_s is not None else 0.0)
             row = {"path": name, "settings": list(extra), "negatives": count or seqs.num_items,
                    "whole_catalogue": everything, "seconds_per_step": round(seconds, 3),

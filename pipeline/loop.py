@@ -28,6 +28,7 @@ from pipeline.batches import SequenceBatches, make_step_batch, sample_negatives
 from pipeline.checkpoint import Checkpoint
 from pipeline.data.sequences import UserSequences, training_windows
 from pipeline.errors import ConfigError, UserError
+from pipeline.models import build
 from pipeline.models.sequence_model import SequenceModel
 from pipeline.runtime import device_of, distributed_state
 from pipeline.tracking import EarlyStopping, MetricsLog, StepWindow, cut_log_after
@@ -170,7 +171,8 @@ def make_optimizer(model: SequenceModel, t: LoopConfig) -> torch.optim.Optimizer
 
 def _flops_per_work(model: SequenceModel) -> Callable[[dict], float]:
     """Training FLOPs ~ 6 x (weights a token or position passes through) x tokens, embedding tables excluded."""
-    item_params = sum(p.numel() for n, p in model.items.named_parameters() if "embed" not in n and p.requires_grad)
+    text = build.text_source(model)  # only an Item LLM reads tokens
+    item_params = text.item_llm.weights_per_token() if text is not None else 0
     user_params = sum(p.numel() for n, p in model.user_llm.named_parameters() if "embed" not in n)
     return lambda w: 6 * (item_params * w["tokens"] + user_params * w["positions"])
 

@@ -260,3 +260,13 @@ def test_item_lr_is_the_item_llms_own_schedule_and_is_logged(planted, tmp_path):
     assert len(lines) == 3 and lines[0]["lr"] > 0
     for line in lines:  # the same warm-up and cosine, scaled to the Item LLM's peak
         assert line["item_lr"] == pytest.approx(line["lr"] * 1e-4 / 3e-3)
+
+
+def test_weights_per_token_counts_the_layers_a_training_token_runs_through(planted):
+    whole = build.build_item_llm(str(planted["bert"]), "pretrained", "mean", 64, log=quiet)[0]
+    top = build.build_item_llm(str(planted["bert"]), "pretrained", "mean", 64, log=quiet, train_layers=1)[0]
+    body = sum(p.numel() for n, p in whole.backbone.named_parameters() if "embed" not in n)
+    last_block = sum(p.numel() for p in top.split.blocks[-1].parameters())
+    assert whole.weights_per_token() == body > last_block == top.weights_per_token()
+    assert llm.add_lora(whole, 4, 8.0) > 0
+    assert whole.weights_per_token() == body  # the wrapped layers still run whole; the adapters are not counted

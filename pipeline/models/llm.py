@@ -48,6 +48,13 @@ class ItemLLM(nn.Module):
     def n_item_tokens(self) -> int:
         return 1 if self.pooling == "item_token" else 0
 
+    def weights_per_token(self) -> int:
+        """Weights a training token passes through (for FLOP counts; embedding tables excluded): the top K blocks
+        with partial depth (the frozen lower blocks' outputs are read from disk), else every layer, LoRA-wrapped
+        ones included (frozen, they still run forward and backward)."""
+        scope = self.split.blocks[self.split.cut:] if self.train_layers is not None else self.backbone
+        return sum(p.numel() for n, p in scope.named_parameters() if "embed" not in n and ".lora_" not in n)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 lower: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask, position_ids: (B, T), left-padded; with item_token pooling the last
