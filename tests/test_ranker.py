@@ -162,15 +162,18 @@ def test_late_fusion_user_embeddings_do_not_depend_on_the_candidate(taste, tmp_p
     assert not (case["run"] / "users").exists()  # the next-item store is untouched
 
 
-def test_a_resumed_ranker_trains_exactly_as_an_uninterrupted_one(taste, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fusion, labels", [("late", ("generative_weight=0.5",)),  # rated sequences, one pass
+                                            ("early", ("labels=sampled", "negative_ratio=2"))],  # appended rows
+                         ids=["rating", "sampled"])
+def test_a_resumed_ranker_trains_exactly_as_an_uninterrupted_one(taste, tmp_path, monkeypatch, fusion, labels):
     import shutil
 
     runs = {}
     for name in ("straight", "resumed"):
         runs[name] = {"data": taste["data"], "run": tmp_path / name}
         shutil.copytree(taste["run"] / "embeddings", tmp_path / name / "embeddings")
-    extra = ("fusion=late", "generative_weight=0.5", "train.epochs=2", "train.checkpoint_every=3",
-             "train.log_every=1", "train.eval_users=50")
+    extra = (f"fusion={fusion}", *labels, "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
+             "train.eval_users=50")
     train_ranker.run(ranker_settings(runs["straight"], *extra), log=quiet)
     real = loop.make_step_batch
     monkeypatch.setattr(loop, "make_step_batch", crash_on_call(real, 5))
@@ -180,10 +183,10 @@ def test_a_resumed_ranker_trains_exactly_as_an_uninterrupted_one(taste, tmp_path
     said = []
     train_ranker.run(ranker_settings(runs["resumed"], *extra), log=said.append)
     assert any("resuming" in line and "step 3" in line for line in said)
-    a, b = (torch.load(tmp_path / name / "ranker-late" / "train" / "state.pt", weights_only=True)
+    a, b = (torch.load(tmp_path / name / f"ranker-{fusion}" / "train" / "state.pt", weights_only=True)
             for name in ("straight", "resumed"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    logs = [(tmp_path / name / "ranker-late" / "train" / "metrics.jsonl").read_text().splitlines()
+    logs = [(tmp_path / name / f"ranker-{fusion}" / "train" / "metrics.jsonl").read_text().splitlines()
             for name in ("straight", "resumed")]
     strip = [[{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s") and k != "wall_seconds"}
               for line in log] for log in logs]
