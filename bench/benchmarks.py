@@ -516,7 +516,7 @@ def bench_stage_one(data: Path, model: str, out: Path, negatives: tuple[int, ...
         for name in paths or STAGE_ONE_PATHS:
             extra = STAGE_ONE_PATHS[name]
             table = "item.negatives=table" in extra
-            if count == 0 and "item.lora_rank=8" in extra:  # measured: about 20 GB of activations, killed for memory
+            if count == 0 and any(s.startswith("item.lora_rank=") for s in extra):  # ML-1M: ~20 GB, killed for memory
                 rows.append({"path": name, "settings": list(extra), "negatives": seqs.num_items,
                              "whole_catalogue": True, "skipped": "LoRA keeps every layer's activations for the "
                              "whole catalogue (about 20 GB on ML-1M with MiniLM): not run"})

@@ -344,7 +344,8 @@ def _model_card(meta: dict, path: Path, max_len: int, root: Path | None) -> dict
 def _write_report(config: EvalConfig, examples, ranks: np.ndarray, masked: Masked, protocol: dict, extra: dict,
                   timings: dict, started: float, new_items: np.ndarray) -> dict:
     """reports/eval-<stamp>.json and .md (and the per-user ranks), each written atomically."""
-    reports, stamp = RunDir(config.run).reports, RunDir(config.run).report_stamp("eval")
+    run_dir = RunDir(config.run)
+    reports, stamp = run_dir.reports, run_dir.report_stamp("eval")
     report = {"created": datetime.now().isoformat(timespec="seconds"), "users": len(examples),
               "metrics": metrics_from_ranks(ranks, config.k), "protocol": protocol, **extra,
               "ranks_file": None}

@@ -73,7 +73,8 @@ def run(config, log=print) -> dict:
 
 
 def _write(config, protocol: dict, metrics: dict, examples, scores: np.ndarray, started: float) -> dict:
-    reports, stamp = RunDir(config.run).reports, RunDir(config.run).report_stamp("ranking")
+    run_dir = RunDir(config.run)
+    reports, stamp = run_dir.reports, run_dir.report_stamp("ranking")
     report = {"created": datetime.now().isoformat(timespec="seconds"), "task": "ranking", "metrics": metrics,
               "protocol": protocol, "scores_file": None}
     if config.per_user_ranks:
