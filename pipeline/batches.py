@@ -209,8 +209,13 @@ def user_vectors(model: SequenceModel, table: torch.Tensor, examples: EvalExampl
     looked up in `table` (N+1, D) on the model's device (a late-fusion ranker: its user embeddings, (E, D_user)).
 
     Users are batched by history length and each batch is padded only to its longest history (positions start
-    at 0 for every user, so the amount of left padding does not change a user's vector)."""
+    at 0 for every user, so the amount of left padding does not change a user's vector). A history item whose
+    row in `table` is zero (an ID no training saw, such as a new item for an ID model) is left out of the input,
+    as ID models treat items outside their vocabulary: the model never read a zero row while training."""
     device = table.device
+    known = table.detach().any(dim=1).cpu().numpy()
+    if not known[examples.history_items].all():
+        examples = examples.keeping(known)
     offsets = examples.history_offsets
     lengths = np.minimum(np.diff(offsets), max_len)
     order = np.argsort(lengths, kind="stable")

@@ -331,6 +331,9 @@ def _rank_with_user_llm(config: EvalConfig, path: Path, catalogue: Catalogue, ex
         return None
     if unknown.any():
         extra["items_without_vector"] = int(unknown.sum())
+    left_out = ~table.any(dim=1).cpu().numpy()[examples.history_items]  # user_vectors leaves these out of the input
+    if left_out.any():
+        extra["history_items_without_vector"] = int(left_out.sum())
     return ranks, _model_card(meta, path, max_len, root), index_card, extra
 
 

@@ -215,6 +215,48 @@ def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
     assert np.allclose(fast, normalise(reference), atol=1e-5)
 
 
+def test_history_items_without_a_vector_are_left_out_of_the_input(tmp_path):
+    """An ID no training saw has a zero row: the user's vector is the one of the history without that item (its
+    timestamp goes too), and a history of nothing but such items is read whole."""
+    from pipeline.batches import left_pad, user_vectors
+    from pipeline.models.sequence_model import time_features
+
+    case = make_cached_run(tmp_path)
+    conf = cfg.load(stage_two.TrainUserConfig, None, [f"data={case['data']}", f"run={case['run']}",
+                                                        "user.init=scratch", "user.name=llama-tiny",
+                                                        "user.time_embedding=true"])
+    torch.manual_seed(0)
+    model = stage_two.build_model(conf, load_embeddings(stage_two.embeddings_root(conf)).embeddings,
+                                  log=lambda _: None).eval()
+    examples = eval_examples(UserSequences.load(case["data"]), "test")
+    table = model.items.table().clone()
+    unknown = np.unique(examples.history_items)[::3]  # a third of the items that occur in histories
+    table[torch.from_numpy(unknown)] = 0.0
+    alone = len(examples) - 1  # this user's history becomes one unknown item
+    items, stamps = [], []
+    for i in range(len(examples)):
+        h = examples.history(i)
+        t = examples.history_timestamps[examples.history_offsets[i]:examples.history_offsets[i + 1]]
+        items.append(h[-1:] if i == alone else h)
+        stamps.append(t[-1:] if i == alone else t)
+    items[alone] = unknown[:1]
+    offsets, flat = csr(items)
+    mixed = type(examples)("test", examples.users, examples.targets, examples.target_timestamps, offsets, flat,
+                           np.concatenate(stamps))
+    assert np.isin(mixed.history_items, unknown).sum() > len(examples) // 2  # most users lose some items
+    fast = normalise(user_vectors(model, table, mixed, 8, batch_size=16))
+    known = [~np.isin(h, unknown) | (i == alone) for i, h in enumerate(items)]
+    kept = [h[k][-8:] for h, k in zip(items, known)]
+    kept_stamps = [t[k][-8:] for t, k in zip(stamps, known)]
+    times = torch.from_numpy(time_features(left_pad(kept_stamps, 8).numpy()))
+    reference = normalise(model.user_vectors(table, left_pad(kept, 8), times))
+    assert np.allclose(fast, reference, atol=1e-5)
+    with_zero_rows = normalise(model.user_vectors(table, left_pad([h[-8:] for h in items], 8),
+                                                  torch.from_numpy(time_features(left_pad(
+                                                      [t[-8:] for t in stamps], 8).numpy()))))
+    assert not np.allclose(fast, with_zero_rows, atol=1e-3)  # leaving them out changes the vectors
+
+
 def test_k_option_takes_several_values():
     # what click hands over for `eval --k 10 50 200 --split valid index=hnsw`
     assert list_option_values(STAGES["eval"], ["50", "200", "index=hnsw"], {"k": ("10",), "split": "valid"}) == (

@@ -196,6 +196,17 @@ class EvalExamples:
     def history(self, i: int) -> np.ndarray:
         return self.history_items[self.history_offsets[i]:self.history_offsets[i + 1]]
 
+    def keeping(self, known: np.ndarray) -> EvalExamples:
+        """The examples with every history item `known[item]` is False for left out, as if it had never been
+        seen; a user left with no history keeps the whole one (a model needs at least one input)."""
+        user_of = np.repeat(np.arange(len(self)), np.diff(self.history_offsets))
+        keep = known[self.history_items]
+        keep |= (np.bincount(user_of, weights=keep, minlength=len(self)) == 0)[user_of]
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(user_of[keep], minlength=len(self)), out=offsets[1:])
+        return EvalExamples(self.split, self.users, self.targets, self.target_timestamps, offsets,
+                            self.history_items[keep], self.history_timestamps[keep])
+
     def subset(self, rows: np.ndarray) -> EvalExamples:
         """The examples at positions `rows`, in that order."""
         lengths = np.diff(self.history_offsets)[rows]
