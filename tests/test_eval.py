@@ -246,8 +246,8 @@ def test_history_items_without_a_vector_are_left_out_of_the_input(tmp_path):
     assert np.isin(mixed.history_items, unknown).sum() > len(examples) // 2  # most users lose some items
     fast = normalise(user_vectors(model, table, mixed, 8, batch_size=16))
     known = [~np.isin(h, unknown) | (i == alone) for i, h in enumerate(items)]
-    kept = [h[k][-8:] for h, k in zip(items, known)]
-    kept_stamps = [t[k][-8:] for t, k in zip(stamps, known)]
+    kept = [h[k][-8:] for h, k in zip(items, known, strict=True)]
+    kept_stamps = [t[k][-8:] for t, k in zip(stamps, known, strict=True)]
     times = torch.from_numpy(time_features(left_pad(kept_stamps, 8).numpy()))
     reference = normalise(model.user_vectors(table, left_pad(kept, 8), times))
     assert np.allclose(fast, reference, atol=1e-5)
