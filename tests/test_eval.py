@@ -188,9 +188,8 @@ def test_approximate_indexes_report_recall_against_exact(random_case):
     assert recall_against_exact(shuffled, exact, (10,))["recall@10"] < 0.2
 
 
-def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
-    from pipeline.batches import left_pad, user_vectors
-
+def tiny_time_model(tmp_path: Path):
+    """An untrained tiny User LLM with a time embedding over a cached run, and that run's test examples."""
     case = make_cached_run(tmp_path)
     conf = cfg.load(stage_two.TrainUserConfig, None, [f"data={case['data']}", f"run={case['run']}",
                                                         "user.init=scratch", "user.name=llama-tiny",
@@ -198,7 +197,13 @@ def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
     torch.manual_seed(0)
     model = stage_two.build_model(conf, load_embeddings(stage_two.embeddings_root(conf)).embeddings,
                                   log=lambda _: None).eval()
-    examples = eval_examples(UserSequences.load(case["data"]), "test")
+    return model, eval_examples(UserSequences.load(case["data"]), "test")
+
+
+def test_user_vectors_by_length_buckets_match_fixed_padding(tmp_path):
+    from pipeline.batches import left_pad, user_vectors
+
+    model, examples = tiny_time_model(tmp_path)
     # uneven lengths: cut each history to a different length
     keep = [examples.history(i)[-(1 + i % 9):] for i in range(len(examples))]
     stamps = [examples.history_timestamps[examples.history_offsets[i]:examples.history_offsets[i + 1]][-(1 + i % 9):]
@@ -221,14 +226,7 @@ def test_history_items_without_a_vector_are_left_out_of_the_input(tmp_path):
     from pipeline.batches import left_pad, user_vectors
     from pipeline.models.sequence_model import time_features
 
-    case = make_cached_run(tmp_path)
-    conf = cfg.load(stage_two.TrainUserConfig, None, [f"data={case['data']}", f"run={case['run']}",
-                                                        "user.init=scratch", "user.name=llama-tiny",
-                                                        "user.time_embedding=true"])
-    torch.manual_seed(0)
-    model = stage_two.build_model(conf, load_embeddings(stage_two.embeddings_root(conf)).embeddings,
-                                  log=lambda _: None).eval()
-    examples = eval_examples(UserSequences.load(case["data"]), "test")
+    model, examples = tiny_time_model(tmp_path)
     table = model.items.table().clone()
     unknown = np.unique(examples.history_items)[::3]  # a third of the items that occur in histories
     table[torch.from_numpy(unknown)] = 0.0
