@@ -70,16 +70,20 @@ class RunDir:
         return name
 
     def data(self, given: Path | None = None) -> Path:
-        """The canonical tables of the run: `given`, else those stage one recorded, else run/data."""
+        """The canonical tables of the run: `given`, else those stage one recorded, else those stage two recorded
+        (a run of ID models has no stage one), else run/data."""
         if given is not None:
             return given
         import yaml
 
-        try:
-            recorded = (yaml.safe_load((self.item_llm / "config.yaml").read_text()) or {}).get("data")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        return Path(recorded) if recorded else self.root / "data"
+        for config in (self.item_llm / "config.yaml", self.stage2 / "config.yaml"):
+            try:
+                recorded = (yaml.safe_load(config.read_text()) or {}).get("data")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            if recorded:
+                return Path(recorded)
+        return self.root / "data"
 
     def trained_user_llm(self, which: WhichUserLLM = "auto") -> Path:
         """The run's User LLM folder: stage-two (user_llm/), stage-one (user_llm_stage1/), auto (stage two's

@@ -52,7 +52,7 @@ class EvalConfig:
     run: Path = Path("artifacts/ml-100k")
     """The run folder (embeddings/, user_llm/, ...); reports/ is written into it."""
     data: Path | None = None
-    """Canonical tables; null: those stage one recorded for the run (else run/data)."""
+    """Canonical tables; null: those the run's stage one (else stage two) recorded, else run/data."""
     k: tuple[int, ...] = (10, 50, 200)
     """Cut-offs K of Recall@K and NDCG@K."""
     split: Literal["test", "valid"] = "test"

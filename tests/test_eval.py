@@ -400,3 +400,17 @@ def test_validation_while_training_agrees_with_eval_on_the_valid_split(trained_r
     for key, value in report["metrics"].items():
         assert validation[key] == pytest.approx(value, abs=1e-12), key
     assert validation["popularity"] == pytest.approx(report["popularity"], abs=1e-12)
+
+
+def test_a_run_finds_the_data_its_stages_recorded(tmp_path):
+    """Stage one's record first, then stage two's (a run of ID models has only that one), else run/data."""
+    from pipeline.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.data() == run.root / "data" and run.data(Path("given")) == Path("given")
+    (run.stage2).mkdir(parents=True)
+    (run.stage2 / "config.yaml").write_text("data: somewhere/two\nitems: id\n")
+    assert run.data() == Path("somewhere/two")
+    run.item_llm.mkdir(parents=True)
+    (run.item_llm / "config.yaml").write_text("data: somewhere/one\n")
+    assert run.data() == Path("somewhere/one")
