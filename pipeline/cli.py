@@ -208,15 +208,16 @@ def report(
     out: Annotated[Path, typer.Option(help="Markdown file to write; the PNG plots go beside it.")] = Path(
         "reports/comparison.md"),
     title: Annotated[str, typer.Option(help="Heading of the page.")] = "Comparison",
-    baseline: Annotated[str | None, typer.Option(help="A run's folder name: every other model's paired difference "
-                                                 "to it, with its standard error (needs eval --per-user-ranks).",
-                                                 show_default=False)] = None,
+    baseline: Annotated[list[str] | None, typer.Option(
+        help="A run's folder name: every other model's paired difference to it, with its standard error (needs "
+             "eval --per-user-ranks). Repeat it to pair each protocol against the baselines evaluated there.",
+        show_default=False)] = None,
 ) -> None:
     """One Markdown page comparing runs: a table per evaluation protocol with its protocol card, plots of each
     metric at each K and of the validation curves."""
     from stages import report as stage_report
 
-    stage_report.run(runs, out, title, baseline, log=_log)
+    stage_report.run(runs, out, title, baseline or [], log=_log)
 
 
 # ---------------------------------------------------------------------------------------------------------------

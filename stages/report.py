@@ -4,8 +4,9 @@ Each run folder contributes its newest eval report per protocol (reports/eval-*.
 (stage2/metrics.jsonl, else stage1/metrics.jsonl); an eval report JSON can also be named directly. Runs are
 put in one table only when they were evaluated under the same protocol (dataset, split, history masking,
 candidate items, exact or approximate search); otherwise the page says so and gives each protocol its own table,
-with its protocol card. With a baseline run named, each table is followed by every other model's paired
-difference to it: per-user metric differences on the same users and targets (from the per-user ranks that
+with its protocol card. With baseline runs named, each table is followed by every other model's paired
+difference to each baseline that was evaluated under its protocol (so one page can pair the whole-catalogue
+table against an ID model and the new-items-only table against a baseline evaluated there): per-user metric differences on the same users and targets (from the per-user ranks that
 `eval --per-user-ranks` writes beside each report), their mean and its standard error, which says whether a gap is
 larger than the noise of the test users. Writes OUT (Markdown) and, beside it, OUT-stem-metrics-<n>.png per
 protocol and OUT-stem-validation.png.
@@ -306,19 +307,20 @@ def _baseline_of(group: list[Entry], name: str | None) -> Entry | None:
                  != "popularity"), None)
 
 
-def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str | None = None, log=print) -> Path:
-    """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it. `baseline`:
-    the name of a run to give every other model's paired differences against."""
+def run(inputs: list[Path], out: Path, title: str = "Comparison", baselines: list[str] = (), log=print) -> Path:
+    """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it. `baselines`:
+    the names of runs to give every other model's paired differences against, in each protocol that has them."""
     if not inputs:
         raise UserError("report: name one or more run folders or eval report files")
     if out.suffix != ".md":
         raise UserError(f"--out {out}: the report is a Markdown file; give a path ending in .md")
     entries, curves = collect(inputs)
     rankings = collect_rankings(inputs)
-    if baseline is not None and entries and _baseline_of(entries, baseline) is None:
-        names = ", ".join(sorted({e.run for e in entries}))
-        raise UserError(f"--baseline {baseline}: no run of that name with a trained model's eval report; the runs "
-                        f"are: {names}")
+    for baseline in baselines:
+        if entries and _baseline_of(entries, baseline) is None:
+            names = ", ".join(sorted({e.run for e in entries}))
+            raise UserError(f"--baseline {baseline}: no run of that name with a trained model's eval report; the "
+                            f"runs are: {names}")
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault(protocol_key(e.report), []).append(e)
@@ -339,8 +341,7 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baseline: str 
         lines += _table(group, by_run, base)
         if any("targets" in e.report for e in group):
             lines += [""] + _kind_table(group)
-        reference = _baseline_of(group, baseline)
-        if reference is not None:
+        for reference in filter(None, (_baseline_of(group, name) for name in baselines)):
             lines += [""] + _paired_table(group, reference)
             if "targets" in reference.report:
                 lines += [""] + _paired_table(group, reference, new_only=True)

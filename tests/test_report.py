@@ -87,21 +87,23 @@ def test_report_refuses_what_is_not_an_eval_report(runs, tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
-def _evaluated(root, name: str, model: str, ranks: list[int | None], users: list[int] | None = None):
-    """A run folder holding one eval report (test split, K 1 and 5) and its per-user ranks."""
+def _evaluated(root, name: str, model: str, ranks: list[int | None], users: list[int] | None = None,
+               candidates: str = "all"):
+    """A run folder holding an eval report (test split, K 1 and 5) and its per-user ranks; one per `candidates`."""
     import polars as pl
 
     folder = root / name / "reports"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     users = users or list(range(len(ranks)))
     protocol = {"dataset": "fixture", "split": "test", "mask_history": "window", "k": [1, 5],
-                "model": {"name": model}}
+                "candidates": candidates, "model": {"name": model}}
+    stamp = {"all": "20260101-000000", "new": "20260101-000100"}[candidates]
     hits = [r is not None and r <= 5 for r in ranks]
     report_json = {"users": len(ranks), "protocol": protocol, "metrics": {"recall@5": sum(hits) / len(ranks)}}
-    (folder / "eval-20260101-000000.json").write_text(json.dumps(report_json))
+    (folder / f"eval-{stamp}.json").write_text(json.dumps(report_json))
     pl.DataFrame({"user_idx": users, "target_item_idx": [7] * len(ranks), "rank": ranks},
                  schema={"user_idx": pl.Int32, "target_item_idx": pl.Int32, "rank": pl.Int64}).write_parquet(
-        folder / "ranks-20260101-000000.parquet")
+        folder / f"ranks-{stamp}.parquet")
     return root / name
 
 
@@ -122,10 +124,24 @@ def test_paired_differences_are_per_user_means_with_their_standard_error(tmp_pat
     assert diffs["ndcg@5"] == pytest.approx((mean, sd / 2))
     assert report.paired_differences(by_run["elsewhere"], by_run["base"], [1, 5]) is None  # other users
 
-    page = report.run([base, ours, other_users], tmp_path / "page.md", baseline="base", log=lambda _: None).read_text()
+    page = report.run([base, ours, other_users], tmp_path / "page.md", baselines=["base"], log=lambda _: None).read_text()
     assert "Paired against base (sasrec)" in page
     assert "| ours | hllm | +0.0000 ± 0.4082 | +0.2500 ± 0.2500 |" in page
     assert "| elsewhere | hstu | no per-user ranks on the same users |" in page
     assert "| base | sasrec | +" not in page  # the baseline is not compared with itself
     with pytest.raises(UserError, match="--baseline nope: no run of that name"):
-        report.run([base, ours], tmp_path / "x.md", baseline="nope", log=lambda _: None)
+        report.run([base, ours], tmp_path / "x.md", baselines=["base", "nope"], log=lambda _: None)
+
+
+def test_each_protocol_is_paired_against_the_baselines_evaluated_under_it(tmp_path):
+    base = _evaluated(tmp_path, "base", "sasrec", [1, 3, None, 12])  # whole catalogue only
+    ours = _evaluated(tmp_path, "ours", "hllm", [2, 1, 5, None])
+    _evaluated(tmp_path, "ours", "hllm", [1, 1, 2, 4], candidates="new")
+    floor = _evaluated(tmp_path, "floor", "popularity among new items", [3, 1, 8, 2], candidates="new")
+    page = report.run([base, ours, floor], tmp_path / "page.md", baselines=["base", "floor"],
+                      log=lambda _: None).read_text()
+    first, second = page.split("## Protocol 2")
+    assert "Paired against base (sasrec)" in first and "Paired against floor" not in first
+    assert "Paired against floor (popularity among new items)" in second and "Paired against base" not in second
+    # recall@1 among new items: ours hits users 0, 1; the floor user 1 -> differences 1, 0, 0, 0
+    assert "| ours | hllm | +0.2500 ± 0.2500 |" in second
