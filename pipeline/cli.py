@@ -77,9 +77,10 @@ app.add_typer(refresh_app, name="refresh")
 
 @refresh_app.command("rollback")
 def refresh_rollback(
+    run: Annotated[Path, typer.Option(help="Run folder holding embeddings/ and users/ (no default: a rollback "
+                                      "changes what every reader of the run serves).", show_default=False)],
     version: Annotated[str | None, typer.Argument(help="Version to make current [default: the current one's "
                                                        "parent].")] = None,
-    run: Annotated[Path, typer.Option(help="Run folder holding embeddings/ and users/.")] = Path("artifacts/ml-100k"),
     store: Annotated[Literal["embeddings", "users"], typer.Option(
         help="Which versions: the item embeddings or the user vectors.")] = "embeddings",
     wait: Annotated[float, typer.Option(help="Seconds to wait for a running refresh job.")] = 0,

@@ -22,7 +22,7 @@ from pipeline.lock import JobLock
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-ROLL_BACK = "roll back to another version (`hllm-pipeline refresh rollback`) or rerun the job that wrote it"
+ROLL_BACK = "roll back to another version (`hllm-pipeline refresh rollback --run RUN`) or rerun the job that wrote it"
 
 
 def read_manifest(root: Path, required: tuple[str, ...] = (), hint: str = ROLL_BACK) -> dict:
@@ -66,7 +66,7 @@ def finished_versions(base: Path) -> list[str]:
     return [p.name for p in sorted(done, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))]
 
 
-def current_version(base: Path, hint: str = "point it at one with `hllm-pipeline refresh rollback VERSION`",
+def current_version(base: Path, hint: str = "point it at one with `hllm-pipeline refresh rollback VERSION --run RUN`",
                     first: str = "run `make embed-items` (stage one) first") -> str:
     """The version base/CURRENT names, checked to exist and be finished; `hint`: what to do when it does not;
     `first`: how the first version is made, when there is none yet."""

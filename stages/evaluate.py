@@ -402,7 +402,7 @@ def _rank_without_training(config: EvalConfig, seqs: UserSequences, examples, ca
     sums = torch.zeros(len(examples), table.shape[1]).index_add_(0, owner, table[history])
     queries = normalise(sums)
     ids = catalogue.live
-    searcher, index_card = make_searcher(config, normalise(table[torch.from_numpy(ids)]),
+    searcher, index_card = make_searcher(config, table[torch.from_numpy(ids)].contiguous().numpy(),
                                          catalogue.root / "index", device_of(config.device), log=log, ids=ids)
     ranks = ranks_in_topk(masked_topk(searcher, queries, catalogue.masked, max(config.k), config.batch_size)[1],
                           examples.targets)

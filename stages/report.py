@@ -5,11 +5,11 @@ Each run folder contributes its newest eval report per protocol (reports/eval-*.
 put in one table only when they were evaluated under the same protocol (dataset, split, history masking,
 candidate items, exact or approximate search); otherwise the page says so and gives each protocol its own table,
 with its protocol card. With baseline runs named, each table is followed by every other model's paired
-difference to each baseline that was evaluated under its protocol (so one page can pair the whole-catalogue
-table against an ID model and the new-items-only table against a baseline evaluated there): per-user metric differences on the same users and targets (from the per-user ranks that
-`eval --per-user-ranks` writes beside each report), their mean and its standard error, which says whether a gap is
-larger than the noise of the test users. Writes OUT (Markdown) and, beside it, OUT-stem-metrics-<n>.png per
-protocol and OUT-stem-validation.png.
+difference to each baseline evaluated under its protocol (so one page can pair the whole-catalogue table against
+an ID model and the new-items-only table against a baseline evaluated there): per-user metric differences on the
+same users and targets (from the per-user ranks that `eval --per-user-ranks` writes beside each report), their
+mean and its standard error, which says whether a gap is larger than the noise of the test users. Writes OUT
+(Markdown) and, beside it, OUT-stem-metrics-<n>.png per protocol and OUT-stem-validation.png.
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def _write_version(base: Path, version: str, vectors: torch.Tensor, histories: p
 
 
 ADDED_SCHEMA = pl.DataFrame(schema={"user_id": pl.String, "item_idx": pl.Int64, "timestamp": pl.Int64})
-USERS_HINT = ("roll back to another version (`hllm-pipeline refresh rollback --store users`), or rerun "
+USERS_HINT = ("roll back to another version (`hllm-pipeline refresh rollback --store users --run RUN`), or rerun "
               "`hllm-pipeline refresh users --all`")
 
 

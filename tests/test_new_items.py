@@ -276,3 +276,63 @@ def test_new_item_rows_from_a_refreshed_version_serve_validation_and_change_no_t
     assert max(v["recall@10"] for v in valid["with"]) > 0.5, valid["with"]  # the genre's new item, by its text
     with pytest.raises(ConfigError, match="only a model that reads cached embeddings"):
         stage_two_settings(case, tmp_path / "ids", "items=id", f"new_item_embeddings={every_item}")
+
+
+def _rank_of(target: int, candidates: np.ndarray, scores: np.ndarray, k: int) -> int | None:
+    """1-based rank of target among candidates by score, ties by item_idx; None when not in the top k."""
+    if target not in candidates:
+        return None
+    score = scores[candidates == target][0]
+    rank = 1 + int(((scores > score) | ((scores == score) & (candidates < target))).sum())
+    return rank if rank <= k else None
+
+
+def test_the_untrained_baselines_rank_as_their_definitions_say(genre_run, tmp_path):
+    # random histories over 30 items; items 25..29 arrive after t=3000, each with its own popularity
+    rng = np.random.default_rng(1)
+    rows = ["item_id,user_id,timestamp"]
+    for u in range(60):
+        old = rng.choice(25, size=rng.integers(4, 8), replace=False)
+        late = rng.choice(np.arange(25, 30), size=rng.integers(1, 4), replace=False, p=[.4, .25, .15, .12, .08])
+        rows += [f"i{k},u{u},{1000 + t}" for t, k in enumerate(old)]
+        rows += [f"i{k},u{u},{5000 + t}" for t, k in enumerate(late)]
+    write(tmp_path / "inter.csv", "\n".join(rows) + "\n")
+    genres = rng.integers(0, 5, size=(30, 2))  # titles in the tiny tokenizer's words: two genre words and its own
+    write(tmp_path / "items.csv", "item_id,title\n" + "".join(f"i{k},g{a} g{b} w{k}\n" for k, (a, b) in
+                                                                enumerate(genres)))
+    prepare.run(cfg.load(prepare.PrepareConfig, None, [
+        "format=hllm-csv", f"source={tmp_path / 'inter.csv'}", f"items={tmp_path / 'items.csv'}",
+        f"out={tmp_path / 'data'}", "item_prompt=", "new_items_after=3000"]), log=quiet)
+    run = tmp_path / "run"
+    stage_one.run(cfg.load(stage_one.EmbedItemsConfig, None, [
+        f"data={tmp_path / 'data'}", f"out={run}", f"item.model={genre_run['root'] / 'tiny-bert'}",
+        "item.pooling=mean", "user.name=llama-tiny", "item.max_text_tokens=16", "finetune=false", "device=cpu"]),
+        log=quiet)
+    done = run_cli("refresh", "items", "--catalog", str(tmp_path / "items.csv"), "--run", str(run), "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = {}
+    for model in ("content", "popularity-new"):
+        done = run_cli("eval", "--k", "1", "5", "10", "--run", str(run), f"data={tmp_path / 'data'}",
+                       "--model", model, "--per-user-ranks", "device=cpu", "max_len=3")
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(Path(done.stdout.splitlines()[-1].split()[1]).read_text())
+        reports[model] = pl.read_parquet(report["ranks_file"]).sort("user_idx")["rank"].to_list()
+    # the definitions, user by user: test target = the last item, its history masked (mask_history=full)
+    seqs = UserSequences.load(tmp_path / "data")
+    table = store.load_embeddings(store.version_root(run)).embeddings.float().numpy()
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    everything = np.arange(1, seqs.num_items + 1)
+    histories = [seqs.user(u)[0][:-1] for u in range(seqs.num_users)]
+    counts = np.bincount(np.concatenate(histories), minlength=seqs.num_items + 1)  # as the evaluation sees them
+    assert len(seqs.new_items) == 5 and len(set(counts[seqs.new_items])) > 2
+    content, popular = [], []
+    for u, history in enumerate(histories):
+        target = seqs.user(u)[0][-1]
+        query = unit[history[-3:]].mean(axis=0)  # the last max_len=3 items
+        candidates = np.setdiff1d(everything, history)
+        content.append(_rank_of(target, candidates, unit[candidates] @ query, 10))
+        candidates = np.setdiff1d(seqs.new_items, history)
+        popular.append(_rank_of(target, candidates, counts[candidates].astype(float), 10))
+    assert reports["content"] == content
+    assert reports["popularity-new"] == popular
+    assert len({r for r in popular if r is not None}) > 1 and len({r for r in content if r is not None}) > 3

@@ -260,6 +260,9 @@ def test_rollback_and_keep(base_run, tmp_path):
     assert sorted(versions.finished_versions(run / "embeddings")) == sorted([second, third])
     done = run_cli("refresh", "rollback", first, "--run", str(run))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+    done = run_cli("refresh", "rollback", second)  # no run named: nothing is rolled back by default
+    assert done.returncode == 2 and "--run" in done.stderr and "Traceback" not in done.stderr
+    assert versions.current_version(run / "embeddings") == third
 
 
 def write_manifest(root: Path, text: str) -> None:

@@ -124,7 +124,8 @@ def test_paired_differences_are_per_user_means_with_their_standard_error(tmp_pat
     assert diffs["ndcg@5"] == pytest.approx((mean, sd / 2))
     assert report.paired_differences(by_run["elsewhere"], by_run["base"], [1, 5]) is None  # other users
 
-    page = report.run([base, ours, other_users], tmp_path / "page.md", baselines=["base"], log=lambda _: None).read_text()
+    page = report.run([base, ours, other_users], tmp_path / "page.md", baselines=["base"],
+                      log=lambda _: None).read_text()
     assert "Paired against base (sasrec)" in page
     assert "| ours | hllm | +0.0000 ± 0.4082 | +0.2500 ± 0.2500 |" in page
     assert "| elsewhere | hstu | no per-user ranks on the same users |" in page
