@@ -342,7 +342,8 @@ def run(inputs: list[Path], out: Path, title: str = "Comparison", baselines: lis
         if any("targets" in e.report for e in group):
             lines += [""] + _kind_table(group)
         for reference in filter(None, (_baseline_of(group, name) for name in baselines)):
-            lines += [""] + _paired_table(group, reference)
+            if reference.report["protocol"].get("candidates") != "new":  # there warm targets are misses for all
+                lines += [""] + _paired_table(group, reference)
             if "targets" in reference.report:
                 lines += [""] + _paired_table(group, reference, new_only=True)
         lines += ["", f"![metrics at each K]({plot.name})", "", "Protocol card:", ""] + _card(group[0].report)

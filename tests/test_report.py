@@ -100,10 +100,14 @@ def _evaluated(root, name: str, model: str, ranks: list[int | None], users: list
     stamp = {"all": "20260101-000000", "new": "20260101-000100"}[candidates]
     hits = [r is not None and r <= 5 for r in ranks]
     report_json = {"users": len(ranks), "protocol": protocol, "metrics": {"recall@5": sum(hits) / len(ranks)}}
+    table = pl.DataFrame({"user_idx": users, "target_item_idx": [7] * len(ranks), "rank": ranks},
+                         schema={"user_idx": pl.Int32, "target_item_idx": pl.Int32, "rank": pl.Int64})
+    if candidates == "new":  # a new-item split: the first half of the targets are new items
+        is_new = [i < len(ranks) // 2 for i in range(len(ranks))]
+        report_json["targets"] = {"warm": is_new.count(False), "new": is_new.count(True)}
+        table = table.with_columns(target_is_new=pl.Series(is_new))
     (folder / f"eval-{stamp}.json").write_text(json.dumps(report_json))
-    pl.DataFrame({"user_idx": users, "target_item_idx": [7] * len(ranks), "rank": ranks},
-                 schema={"user_idx": pl.Int32, "target_item_idx": pl.Int32, "rank": pl.Int64}).write_parquet(
-        folder / f"ranks-{stamp}.parquet")
+    table.write_parquet(folder / f"ranks-{stamp}.parquet")
     return root / name
 
 
@@ -137,12 +141,13 @@ def test_paired_differences_are_per_user_means_with_their_standard_error(tmp_pat
 def test_each_protocol_is_paired_against_the_baselines_evaluated_under_it(tmp_path):
     base = _evaluated(tmp_path, "base", "sasrec", [1, 3, None, 12])  # whole catalogue only
     ours = _evaluated(tmp_path, "ours", "hllm", [2, 1, 5, None])
-    _evaluated(tmp_path, "ours", "hllm", [1, 1, 2, 4], candidates="new")
-    floor = _evaluated(tmp_path, "floor", "popularity among new items", [3, 1, 8, 2], candidates="new")
+    _evaluated(tmp_path, "ours", "hllm", [1, 1, None, None], candidates="new")  # warm targets: misses for all
+    floor = _evaluated(tmp_path, "floor", "popularity among new items", [3, 1, None, None], candidates="new")
     page = report.run([base, ours, floor], tmp_path / "page.md", baselines=["base", "floor"],
                       log=lambda _: None).read_text()
     first, second = page.split("## Protocol 2")
     assert "Paired against base (sasrec)" in first and "Paired against floor" not in first
     assert "Paired against floor (popularity among new items)" in second and "Paired against base" not in second
-    # recall@1 among new items: ours hits users 0, 1; the floor user 1 -> differences 1, 0, 0, 0
-    assert "| ours | hllm | +0.2500 ± 0.2500 |" in second
+    # recall@1 on the new-item targets (users 0, 1): ours hits both, the floor user 1 -> differences 1, 0
+    assert "| ours | hllm | +0.5000 ± 0.5000 |" in second
+    assert "on the same users and targets" not in second  # where warm targets are misses, only the new ones
