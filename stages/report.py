@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,13 +302,13 @@ def _plot_curves(curves: list[Curve], out: Path) -> None:
     _save(fig, out)
 
 
-def _baseline_of(group: list[Entry], name: str | None) -> Entry | None:
+def _baseline_of(group: list[Entry], name: str) -> Entry | None:
     """The baseline run's trained model in a protocol's group (not its popularity evaluation)."""
     return next((e for e in group if e.run == name and e.report["protocol"].get("model", {}).get("name")
                  != "popularity"), None)
 
 
-def run(inputs: list[Path], out: Path, title: str = "Comparison", baselines: list[str] = (), log=print) -> Path:
+def run(inputs: list[Path], out: Path, title: str = "Comparison", baselines: Sequence[str] = (), log=print) -> Path:
     """Write the comparison page for `inputs` (run folders or eval report files) to `out`; returns it. `baselines`:
     the names of runs to give every other model's paired differences against, in each protocol that has them."""
     if not inputs:
